@@ -1,0 +1,204 @@
+"""The ``build-corpus`` flow: plan shards per source, map the stage over them, publish counts.
+
+Stages run as subflows so each can pick its own task runner from the config (threads by default, Dask to
+scale out). Today: ingest. Each shard is a Prefect task that reads its units, runs ``vlp_core.ingest`` and
+commits its rows through ``stores`` atomically; a re-run skips committed shards, so a killed run resumes where
+it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm.auto import tqdm
+
+import vlp_core.images
+import vlp_core.ingest
+import vlp_core.sources
+import vlp_core.text
+from stores.catalog import build_catalog
+from stores.shards import ShardStore, code_version, stable_hash, to_table
+from vlp_core.config import CorpusConfig, RunnerConfig, SourceSpec, load_corpus_config
+from vlp_core.ingest import STAGE as INGEST
+from vlp_core.ingest import ingest_images, ingest_texts
+from vlp_core.paths import DataLayout
+from vlp_core.sources import Unit, build_source
+
+INGEST_CODE = code_version(vlp_core.images, vlp_core.text, vlp_core.sources, vlp_core.ingest)
+
+
+def make_task_runner(cfg: RunnerConfig):
+    """Threads on one machine; Dask (LocalCluster or an existing scheduler) with the ``dask`` extra."""
+    if cfg.kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=cfg.max_workers or os.cpu_count() or 2)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise RuntimeError("runner.kind=dask needs the extra: pip install -e '.[dask]'") from exc
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.max_workers or os.cpu_count() or 2,
+            "threads_per_worker": 1,
+            "dashboard_address": None,  # no extra ports; loopback only
+            "host": "127.0.0.1",
+        }
+    )
+
+
+def ingest_signature(spec: SourceSpec, cfg: CorpusConfig) -> str:
+    params = cfg.ingest.model_dump(exclude={"image_shard_size", "text_shard_size"})
+    return stable_hash(INGEST, spec.kind, spec.resolved_options(), params, INGEST_CODE)
+
+
+@task(name="plan-ingest", cache_policy=NO_CACHE)
+def plan_ingest(spec: SourceSpec, cfg: CorpusConfig, store_root: str) -> list[dict[str, Any]]:
+    """List the source's units, drop stale shards, return the shards still to do."""
+    log = get_run_logger()
+    source = build_source(spec.kind, spec.name, **spec.resolved_options())
+    units = [(u.key, u.fingerprint) for u in source.units()]
+    if cfg.limit_per_source is not None:
+        units = units[: cfg.limit_per_source]
+    size = cfg.ingest.image_shard_size if source.modality == "image" else cfg.ingest.text_shard_size
+    store = ShardStore(store_root)
+    signature = ingest_signature(spec, cfg)
+    plan = store.plan(INGEST, spec.name, units, signature, size)
+    for key in plan.stale:
+        store.drop(INGEST, spec.name, key)
+    log.info(
+        "%s: %d units, %d shards done, %d stale dropped, %d shards (%d units) to do",
+        spec.name,
+        len(units),
+        len(plan.done),
+        len(plan.stale),
+        len(plan.todo),
+        plan.n_units_todo,
+    )
+    return [
+        {"spec": spec, "shard": key, "units": chunk, "signature": signature, "modality": source.modality}
+        for key, chunk in plan.todo
+    ]
+
+
+@task(name="ingest-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def ingest_shard(job: dict[str, Any], cfg: CorpusConfig, store_root: str) -> dict[str, int]:
+    """Read one shard's units, normalise, commit. Idempotent: a committed shard is skipped."""
+    spec: SourceSpec = job["spec"]
+    store = ShardStore(store_root)
+    if store.is_committed(INGEST, spec.name, job["shard"]):
+        return {"skipped_shards": 1}
+    t0 = time.time()
+    source = build_source(spec.kind, spec.name, **spec.resolved_options())
+    units = [Unit(k, fp) for k, fp in job["units"]]
+    records = source.read(units, max_file_bytes=cfg.ingest.max_file_bytes)
+    if job["modality"] == "image":
+        rows = ingest_images(
+            records, spec.name, job["shard"], cfg.ingest.decode_limits(), cfg.ingest.text_limits()
+        )
+    else:
+        rows = ingest_texts(records, spec.name, job["shard"], cfg.ingest.text_limits())
+    tables = {name: to_table(name, r) for name, r in rows.tables.items()}
+    store.commit(
+        INGEST,
+        spec.name,
+        job["shard"],
+        job["signature"],
+        job["units"],
+        tables,
+        dict(rows.stats),
+        seconds=time.time() - t0,
+    )
+    return {**rows.stats, "shards": 1}
+
+
+def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
+    log = get_run_logger()
+    plans = [plan_ingest.submit(spec, cfg, store_root) for spec in cfg.sources]
+    jobs = [job for p in plans for job in p.result()]
+    totals: Counter = Counter()
+    per_source: dict[str, Counter] = {}
+    futures = {ingest_shard.submit(job, cfg, store_root): job["spec"].name for job in jobs}
+    with tqdm(total=len(futures), desc="ingest shards", unit="shard", disable=None) as bar:
+        for fut in as_completed(list(futures)):
+            stats = fut.result()
+            totals.update(stats)
+            per_source.setdefault(futures[fut], Counter()).update(stats)
+            bar.update(1)
+    for name, c in sorted(per_source.items()):
+        log.info("%s: %s", name, dict(sorted(c.items())))
+    return totals
+
+
+@flow(name="ingest")
+def ingest_flow(cfg: CorpusConfig, store_root: str) -> dict[str, int]:
+    return dict(_ingest(cfg, store_root))
+
+
+def _publish(layout: DataLayout) -> dict[str, Any]:
+    from stores.catalog import connect
+
+    con = connect(layout.catalog)
+    try:
+        summary = con.execute("SELECT * FROM ingest_summary").fetch_arrow_table().to_pylist()
+        rejects = (
+            con.execute("SELECT stage, source, reason, n, example_input FROM rejects_by_reason")
+            .fetch_arrow_table()
+            .to_pylist()
+        )
+    finally:
+        con.close()
+    create_table_artifact(key="corpus-summary", table=summary, description="rows per source (ingest)")
+    lines = [
+        "# Rejects by stage and reason",
+        "",
+        "| stage | source | reason | n | example |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['stage']} | {r['source']} | {r['reason']} | {r['n']} | `{r['example_input'][-60:]}` |"
+        for r in rejects
+    ]
+    create_markdown_artifact(key="corpus-rejects", markdown="\n".join(lines) if rejects else "No rejects.")
+    return {"summary": summary, "rejects": rejects}
+
+
+@flow(name="build-corpus", log_prints=True)
+def build_corpus(config: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the corpus described by ``configs/corpus/<config>.yaml`` (or a YAML path) + dotted overrides.
+
+    Returns per-source row counts and reject counts (also published as Prefect artifacts).
+    """
+    log = get_run_logger()
+    cfg = load_corpus_config(config, overrides)
+    layout = DataLayout.default()
+    store = ShardStore(layout.store)
+    store.ensure_tables()
+    removed = store.collect_garbage()
+    if removed:
+        log.info("removed %d leftover files of an interrupted run", removed)
+    run_dir = layout.runs / "corpus" / time.strftime("%Y%m%dT%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+
+    t0 = time.time()
+    runner = make_task_runner(cfg.runner)
+    counts = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
+    build_catalog(layout.catalog, layout.store)
+    result = {"ingest": counts, "seconds": round(time.time() - t0, 1), **_publish(layout)}
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+    log.info("ingest done in %.1fs: %s", result["seconds"], counts)
+    return result
+
+
+if __name__ == "__main__":
+    build_corpus()

@@ -1,0 +1,204 @@
+"""The ``vlp`` command line: fetch data, build the corpus, serve Prefect, inspect with SQL.
+
+User errors (bad config, missing data, no server) print one clear line and exit 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+import flows  # noqa: F401  (offline environment defaults)
+from vlp_core.paths import DataLayout
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+
+class UserError(Exception):
+    pass
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise UserError(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)  # numbers, booleans, lists parse as YAML
+    return out
+
+
+def _api_reachable() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.serve import healthy
+
+    url = PREFECT_API_URL.value()
+    if url and not healthy(url):
+        return url
+    return None
+
+
+@app.command()
+def fetch() -> None:
+    """Fetch the bundled real data (Debian packages, YOLO weights) into the data directory (idempotent)."""
+    from vlp_core.assets import fetch_all
+
+    layout = fetch_all(log=lambda m: console.print(f"[cyan]{m}"))
+    console.print(f"data directory: {layout.root}")
+
+
+@app.command()
+def ingest(
+    config: Annotated[str, typer.Option(help="preset under configs/corpus/ or a YAML path")] = "default",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="dotted override, e.g. ingest.max_pixels=1e8")
+    ] = None,
+) -> None:
+    """Run the build-corpus flow in this process (against the running server, if any)."""
+    down = _api_reachable()
+    if down:
+        raise UserError(
+            f"no Prefect server answers at {down}: start one with `vlp serve` "
+            "(or run with PREFECT_API_URL= to use a temporary in-process server)"
+        )
+    from flows.build_corpus import build_corpus
+
+    result = build_corpus(config=config, overrides=_parse_sets(set_))
+    _print_rows(result["summary"], "rows per source")
+    _print_rows(result["rejects"], "rejects by stage and reason")
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="server port on 127.0.0.1")] = 4200,
+    worker: Annotated[bool, typer.Option(help="also start a process worker")] = True,
+) -> None:
+    """Start a local Prefect server + process work pool + worker, and register prefect.yaml's deployments."""
+    from flows.serve import start
+
+    s = start(port=port, worker=worker, log=lambda m: console.print(f"[cyan]{m}"))
+    console.print(f"Prefect API {s.api_url}; UI http://127.0.0.1:{s.port}")
+    if s.api_url != "http://127.0.0.1:4200/api":
+        console.print(f"export PREFECT_API_URL={s.api_url}   # prefect.toml points at port 4200")
+    console.print("run a deployment: prefect deployment run build-corpus/default --watch;  stop: vlp stop")
+
+
+@app.command()
+def stop() -> None:
+    """Stop the worker and server started by `vlp serve`."""
+    from flows.serve import stop as stop_stack
+
+    stop_stack(log=lambda m: console.print(m))
+
+
+@app.command()
+def status() -> None:
+    """Show the local Prefect stack and where data lives."""
+    from flows.serve import _alive, healthy, read_state
+
+    layout = DataLayout.default()
+    s = read_state(layout.prefect_home)
+    console.print(f"data directory: {layout.root}")
+    if s is None:
+        console.print("Prefect stack: not started (vlp serve)")
+        return
+    console.print(f"server {s.api_url}: {'healthy' if healthy(s.api_url) else 'DOWN'} (pid {s.server_pid})")
+    console.print(f"worker on {s.pool}: {'running' if _alive(s.worker_pid) else 'not running'}")
+
+
+@app.command()
+def catalog() -> None:
+    """(Re)build the DuckDB catalog's views from sql/*.sql."""
+    from stores.catalog import build_catalog
+
+    layout = DataLayout.default()
+    views = build_catalog(layout.catalog, layout.store)
+    console.print(f"{layout.catalog}: {len(views)} views: {', '.join(views)}")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL to run on the catalog (read-only)")],
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    limit: Annotated[int, typer.Option(help="max rows shown in table format")] = 50,
+) -> None:
+    """Query the catalog read-only, e.g. vlp sql "select * from rejects_by_reason"."""
+    import duckdb
+
+    from stores.catalog import connect
+
+    layout = DataLayout.default()
+    if not layout.catalog.exists():
+        from stores.catalog import build_catalog
+
+        build_catalog(layout.catalog, layout.store)
+    con = connect(layout.catalog)
+    try:
+        rel = con.execute(query)
+        cols = [d[0] for d in rel.description] if rel.description else []
+        rows = rel.fetchall()
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {exc}") from None
+    finally:
+        con.close()
+    if fmt == "json":
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str, indent=1))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+    else:
+        _print_rows([dict(zip(cols, r, strict=True)) for r in rows[:limit]], None)
+        if len(rows) > limit:
+            console.print(f"... {len(rows) - limit} more rows (--limit)")
+
+
+def _print_rows(rows: list[dict], title: str | None) -> None:
+    if not rows:
+        console.print(f"{title or 'result'}: no rows")
+        return
+    t = Table(title=title)
+    for c in rows[0]:
+        t.add_column(str(c))
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r.values()])
+    console.print(t)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bytes | bytearray):
+        return f"<{len(v)} bytes>"
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_HOME", str(DataLayout.default().prefect_home))
+    try:
+        app()
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except Exception as exc:  # a known failure of the local stack reads as one line too
+        from flows.serve import ServeError
+
+        if isinstance(exc, ServeError):
+            err.print(f"[red]error:[/red] {exc}")
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

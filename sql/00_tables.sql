@@ -1,0 +1,13 @@
+-- Raw tables: every committed shard file of each Parquet table. ${STORE} is replaced by the store path
+-- when the catalog is (re)built. Files are globbed at query time, so new shards show up without a rebuild.
+CREATE OR REPLACE VIEW images_raw AS
+SELECT * FROM read_parquet('${STORE}/images/**/*.parquet');
+
+CREATE OR REPLACE VIEW texts_raw AS
+SELECT * FROM read_parquet('${STORE}/texts/**/*.parquet');
+
+CREATE OR REPLACE VIEW known_pairs_raw AS
+SELECT * FROM read_parquet('${STORE}/known_pairs/**/*.parquet');
+
+CREATE OR REPLACE VIEW rejects AS
+SELECT * FROM read_parquet('${STORE}/rejects/**/*.parquet');

@@ -1,0 +1,163 @@
+"""FAISS indexes on disk: ``<name>/index.faiss`` + ``ids.parquet`` (row → id) + ``meta.json``.
+
+Vectors are L2-normalised and searched by inner product (= cosine). The index type follows the corpus size
+and a memory budget (the autofaiss rule of thumb), and can be forced with ``factory``:
+
+- fewer than ``exact_below`` vectors: ``Flat`` (exact);
+- float32 vectors fit the budget: ``IVF{k},Flat`` with k ≈ 4·√n;
+- otherwise ``OPQ{m},IVF{k},PQ{m}`` (m sub-quantisers of 8 bits, dim divisible by m).
+
+Training uses a sample of at most ``train_sample`` vectors. A GPU is used when faiss-gpu is installed and a
+device is visible (same API); otherwise the CPU build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class IndexMeta:
+    name: str
+    factory: str
+    dim: int
+    count: int
+    metric: str = "inner_product"
+    nprobe: int = 1
+    built_at: float = 0.0
+    seconds: float = 0.0
+
+
+def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 * 2**30, exact_below: int = 10_000) -> str:
+    """Index factory string for ``n`` vectors of ``dim`` under a memory budget."""
+    if n < exact_below:
+        return "Flat"
+    k = int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
+    k = min(k, max(1, n // 39))  # FAISS wants >= 39 training points per centroid
+    if n * dim * 4 <= memory_budget_bytes:
+        return f"IVF{k},Flat"
+    m = next(m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+    return f"OPQ{m},IVF{k},PQ{m}"
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _maybe_gpu(index: faiss.Index) -> faiss.Index:
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def build_index(
+    vectors: np.ndarray,
+    factory: str | None = None,
+    train_sample: int = 262_144,
+    memory_budget_bytes: int = 4 * 2**30,
+    seed: int = 0,
+    add_batch: int = 65_536,
+) -> tuple[faiss.Index, str]:
+    """Build (train + add) an inner-product index over normalised ``vectors`` [n, dim]."""
+    n, dim = vectors.shape
+    factory = factory or choose_factory(n, dim, memory_budget_bytes)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = (
+            vectors if n <= train_sample else vectors[np.sort(rng.choice(n, train_sample, replace=False))]
+        )
+        index = _maybe_gpu(index)
+        index.train(_normalise(sample))
+    for i in range(0, n, add_batch):
+        index.add(_normalise(vectors[i : i + add_batch]))
+    if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() > 0:
+        index = faiss.index_gpu_to_cpu(index)
+    return index, factory
+
+
+class FaissStore:
+    """Named indexes under ``root``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def save(self, name: str, index: faiss.Index, ids: list[str] | np.ndarray, meta: IndexMeta) -> Path:
+        """Write index, id map and meta into a temp folder, then swap it in (readers never see a mix)."""
+        if index.ntotal != len(ids):
+            raise ValueError(f"index has {index.ntotal} vectors but {len(ids)} ids")
+        final = self.path(name)
+        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        pq.write_table(
+            pa.table({"row": np.arange(len(ids), dtype=np.int64), "id": pa.array(ids)}), tmp / "ids.parquet"
+        )
+        (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=1))
+        old = final.with_name(f".{name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            for p in old.iterdir():
+                p.unlink()
+            old.rmdir()
+        return final
+
+    def load(self, name: str) -> tuple[faiss.Index, np.ndarray, IndexMeta]:
+        p = self.path(name)
+        if not (p / "meta.json").exists():
+            raise FileNotFoundError(f"no index {name!r} under {self.root}")
+        meta = IndexMeta(**json.loads((p / "meta.json").read_text()))
+        index = faiss.read_index(str(p / "index.faiss"))
+        if hasattr(index, "nprobe"):
+            index.nprobe = meta.nprobe
+        ids = pq.read_table(p / "ids.parquet").column("id").to_numpy(zero_copy_only=False)
+        return index, ids, meta
+
+    def build_and_save(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        ids: list[str] | np.ndarray,
+        factory: str | None = None,
+        nprobe: int = 16,
+        **kw,
+    ) -> IndexMeta:
+        t0 = time.time()
+        index, factory = build_index(vectors, factory, **kw)
+        meta = IndexMeta(
+            name=name,
+            factory=factory,
+            dim=vectors.shape[1],
+            count=len(ids),
+            nprobe=nprobe,
+            built_at=time.time(),
+            seconds=round(time.time() - t0, 3),
+        )
+        self.save(name, index, ids, meta)
+        return meta
+
+
+def search(index: faiss.Index, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (ids [q, k], scores [q, k]) for ``queries`` [q, dim]; missing hits have id None."""
+    scores, rows = index.search(_normalise(queries), k)
+    out = np.full(rows.shape, None, dtype=object)
+    ok = rows >= 0
+    out[ok] = ids[rows[ok]]
+    return out, scores

@@ -1,0 +1,88 @@
+"""Shared fixtures. One real Prefect server per test session (temp home, free port on 127.0.0.1) and one
+temp data directory; the bundled real data is linked in from the project's data directory (``make setup``
+fetches it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Resolve the real data before the session points VLP_DATA_DIR at a temp dir.
+from vlp_core.paths import DataLayout
+
+REAL = DataLayout.default()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="vlp-tests-"))
+_PORT = _free_port()
+# Before any Prefect import: every client in this session talks to the session's own server.
+os.environ.update(
+    VLP_DATA_DIR=str(_SESSION_DIR / "data"),
+    PREFECT_HOME=str(_SESSION_DIR / "prefect"),
+    PREFECT_API_URL=f"http://127.0.0.1:{_PORT}/api",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    DO_NOT_TRACK="1",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
+)
+(_SESSION_DIR / "data").mkdir(parents=True, exist_ok=True)
+if REAL.raw.exists() and not (_SESSION_DIR / "data" / "raw").exists():
+    (_SESSION_DIR / "data" / "raw").symlink_to(REAL.raw)
+
+
+def needs_real_data(path: Path) -> None:
+    if not path.exists():
+        pytest.fail(f"{path} missing: run `make setup` (fetches the bundled data) before the tests")
+
+
+@pytest.fixture(scope="session")
+def real() -> DataLayout:
+    """The project's data directory with the fetched raw data (Open Clip Art, WordNet, YOLO)."""
+    needs_real_data(REAL.openclipart)
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def prefect_stack():
+    """A real Prefect server + process worker + prefect.yaml deployments, for the whole session."""
+    from flows.serve import start, stop
+
+    home = _SESSION_DIR / "prefect"
+    services = start(port=_PORT, home=home, worker=True, deploy=True, log=lambda m: None)
+    yield services
+    _flush_prefect_clients()
+    stop(home, log=lambda m: None)
+
+
+def _flush_prefect_clients() -> None:
+    # Drain the in-process log/event workers while the server is still up, or they retry at exit.
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - best effort at teardown
+        pass
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch) -> DataLayout:
+    """A fresh, empty data directory (with the real raw data linked in) for one test."""
+    root = tmp_path / "data"
+    root.mkdir()
+    if REAL.raw.exists():
+        (root / "raw").symlink_to(REAL.raw)
+    monkeypatch.setenv("VLP_DATA_DIR", str(root))
+    return DataLayout(root)

@@ -1,0 +1,108 @@
+"""Typed configuration: one place for defaults, YAML presets under ``configs/``, dotted-key overrides.
+
+Every run writes its resolved config beside its outputs (see ``flows``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlp_core.images import DecodeLimits
+from vlp_core.paths import REPO_ROOT, data_dir
+from vlp_core.text import TextLimits
+
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    """One input. ``options`` go to the source class; ``{data}`` in a string expands to the data dir."""
+
+    name: str
+    kind: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def resolved_options(self) -> dict[str, Any]:
+        root = str(data_dir())
+        return {k: v.replace("{data}", root) if isinstance(v, str) else v for k, v in self.options.items()}
+
+
+class IngestConfig(_Strict):
+    """Limits for safe decoding and text cleaning, and shard sizes."""
+
+    max_pixels: int = DecodeLimits.max_pixels
+    max_file_bytes: int = DecodeLimits.max_file_bytes
+    min_side: int = DecodeLimits.min_side
+    store_max_side: int = DecodeLimits.store_max_side
+    jpeg_quality: int = DecodeLimits.jpeg_quality
+    min_chars: int = TextLimits.min_chars
+    max_chars: int = TextLimits.max_chars
+    image_shard_size: int = Field(500, description="image files (or tars/row groups) per shard")
+    text_shard_size: int = Field(1, description="text units (32 MiB byte ranges, files) per shard")
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            max_file_bytes=self.max_file_bytes,
+            min_side=self.min_side,
+            store_max_side=self.store_max_side,
+            jpeg_quality=self.jpeg_quality,
+        )
+
+    def text_limits(self) -> TextLimits:
+        return TextLimits(min_chars=self.min_chars, max_chars=self.max_chars)
+
+
+class RunnerConfig(_Strict):
+    """Task runner of the corpus flow: threads on one machine, Dask to scale out."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    max_workers: int | None = None  # threads; default: CPU count
+    dask_address: str | None = None  # an existing scheduler; None starts a LocalCluster
+
+
+class CorpusConfig(_Strict):
+    sources: list[SourceSpec]
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    limit_per_source: int | None = Field(
+        None, description="process only the first N units of each source (quick runs, smoke tests)"
+    )
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``ingest.max_pixels``) in a nested dict; returns the same dict."""
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml_config(kind: str, name_or_path: str, overrides: dict[str, Any] | None = None) -> dict:
+    """Load ``configs/<kind>/<name>.yaml`` (or a path) and apply dotted overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / kind / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+        raise FileNotFoundError(f"no {kind} config {name_or_path!r}; presets: {known}, or give a .yaml path")
+    data = yaml.safe_load(path.read_text()) or {}
+    return apply_overrides(data, overrides)
+
+
+def load_corpus_config(
+    name_or_path: str = "default", overrides: dict[str, Any] | None = None
+) -> CorpusConfig:
+    return CorpusConfig.model_validate(load_yaml_config("corpus", name_or_path, overrides))

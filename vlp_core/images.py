@@ -1,0 +1,158 @@
+"""Safe image decoding: every input either becomes a normalised RGB image or a :class:`Rejected` reason.
+
+Real collections hold 3×2-pixel images, 600-megapixel PNGs (decompression bombs), palette and alpha PNGs,
+grayscale, CMYK, EXIF-rotated JPEGs, truncated and non-image files. The rules, in order:
+
+1. zero bytes → ``empty_file``; more than ``max_file_bytes`` → ``file_too_large`` (never read whole).
+2. not identifiable by Pillow → ``not_an_image``.
+3. shorter side below ``min_side`` → ``too_small``.
+4. more than ``max_pixels`` pixels: JPEGs are decoded downscaled in the DCT domain (``draft``, 1/2–1/8) when
+   that brings them under the limit; anything else → ``decompression_bomb``. Memory per decode is therefore
+   bounded by ``max_pixels`` × 4 bytes.
+5. decoding fails part-way → ``truncated`` (Pillow's "image file is truncated") or ``decode_error``.
+6. EXIF orientation is applied; palette / alpha images are composited on white; grayscale, CMYK, 16-bit and
+   bilevel images become 8-bit RGB; animated images keep their first frame.
+7. the result is downscaled (never upscaled) so its longer side is at most ``store_max_side`` and stored as
+   JPEG (``jpeg_quality``), so later stages never touch the original file again.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own bomb check raises at open() before we can read the size; we enforce our own configurable
+# limit (rule 4) before any pixel is decoded, so the global one is switched off.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits and output format of :func:`decode_image` (units: pixels, bytes)."""
+
+    max_pixels: int = 64_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+    min_side: int = 16
+    store_max_side: int = 512
+    jpeg_quality: int = 90
+
+
+@dataclass
+class DecodedImage:
+    """A normalised RGB image, encoded as JPEG bytes."""
+
+    jpeg: bytes
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+    orig_format: str
+    orig_mode: str
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why an input was not accepted: a short machine code and a human-readable detail."""
+
+    reason: str
+    detail: str
+
+
+def _to_rgb(im: Image.Image, flags: list[str]) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        flags.append("palette")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not fully opaque
+            flags.append("alpha_composited")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
+        flags.append("high_bit_depth")
+        lo, hi = im.getextrema()
+        scale = 255.0 / max(hi - lo, 1)
+        im = im.point(lambda v: (v - lo) * scale).convert("L")
+    if im.mode != "RGB":
+        if im.mode in ("L", "1"):
+            flags.append("grayscale")
+        im = im.convert("RGB")
+    return im
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage | Rejected:
+    """Decode ``data`` (an encoded image file) under ``limits``; never raises on bad input."""
+    if len(data) == 0:
+        return Rejected("empty_file", "zero-byte file")
+    if len(data) > limits.max_file_bytes:
+        return Rejected("file_too_large", f"{len(data)} bytes > max_file_bytes={limits.max_file_bytes}")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return Rejected("not_an_image", f"not a recognised image format (first bytes {data[:8]!r})")
+    except Exception as exc:  # noqa: BLE001 - any header parse failure is a bad record, not a crash
+        return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
+    flags: list[str] = []
+    fmt = im.format or "unknown"
+    w, h = im.size
+    orig_mode = im.mode
+    if min(w, h) < limits.min_side:
+        return Rejected("too_small", f"{w}x{h} px, shorter side < min_side={limits.min_side}")
+    if w * h > limits.max_pixels:
+        if fmt == "JPEG":
+            # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose output is >= the requested size,
+            # so request exactly the power-of-two reduction that fits under the limit.
+            r = 2 ** math.ceil(math.log2(math.sqrt(w * h / limits.max_pixels)))
+            im.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+        if im.size[0] * im.size[1] > limits.max_pixels:
+            return Rejected(
+                "decompression_bomb",
+                f"{w}x{h} = {w * h / 1e6:.1f} MP > max_pixels={limits.max_pixels / 1e6:.1f} MP "
+                f"({fmt} cannot be decoded downscaled; raise max_pixels to accept it)",
+            )
+        flags.append("draft_downscaled")
+    elif fmt == "JPEG" and max(w, h) > limits.store_max_side:
+        # DCT-domain downscale straight to (at least) the stored size: faster and lighter.
+        im.draft("RGB", (limits.store_max_side, limits.store_max_side))
+    try:
+        im.seek(0)
+        im.load()
+        if getattr(im, "n_frames", 1) > 1:
+            flags.append("first_frame")
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation tag
+            im = ImageOps.exif_transpose(im)
+            flags.append("exif_rotated")
+        im = _to_rgb(im, flags)
+        if max(im.size) > limits.store_max_side:
+            im.thumbnail((limits.store_max_side, limits.store_max_side), Image.Resampling.LANCZOS, 2.0)
+            flags.append("downscaled")
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=limits.jpeg_quality)
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg or "broken data stream" in msg or "unrecognized data stream" in msg:
+            return Rejected("truncated", msg)
+        return Rejected("decode_error", f"{type(exc).__name__}: {msg}")
+    except Exception as exc:  # noqa: BLE001 - e.g. SyntaxError/ValueError from malformed chunks
+        return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
+    return DecodedImage(
+        jpeg=out.getvalue(),
+        width=im.size[0],
+        height=im.size[1],
+        orig_width=w,
+        orig_height=h,
+        orig_format=fmt,
+        orig_mode=orig_mode,
+        flags=flags,
+    )
+
+
+def load_rgb(jpeg: bytes) -> Image.Image:
+    """Open a stored (already normalised) image as RGB."""
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
