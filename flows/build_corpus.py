@@ -149,10 +149,10 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
 
     con = connect(layout.catalog)
     try:
-        summary = con.execute("SELECT * FROM ingest_summary").fetch_arrow_table().to_pylist()
+        summary = con.execute("SELECT * FROM ingest_summary").to_arrow_table().to_pylist()
         rejects = (
             con.execute("SELECT stage, source, reason, n, example_input FROM rejects_by_reason")
-            .fetch_arrow_table()
+            .to_arrow_table()
             .to_pylist()
         )
     finally:

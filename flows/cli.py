@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -65,15 +66,16 @@ def ingest(
     ] = None,
 ) -> None:
     """Run the build-corpus flow in this process (against the running server, if any)."""
+    from vlp_core.config import load_corpus_config
+
+    overrides = _parse_sets(set_)
+    load_corpus_config(config, overrides)  # a bad config is a one-line error, before any flow starts
     down = _api_reachable()
     if down:
-        raise UserError(
-            f"no Prefect server answers at {down}: start one with `vlp serve` "
-            "(or run with PREFECT_API_URL= to use a temporary in-process server)"
-        )
+        raise UserError(f"no Prefect server answers at {down}: start one with `vlp serve`")
     from flows.build_corpus import build_corpus
 
-    result = build_corpus(config=config, overrides=_parse_sets(set_))
+    result = build_corpus(config=config, overrides=overrides)
     _print_rows(result["summary"], "rows per source")
     _print_rows(result["rejects"], "rejects by stage and reason")
 
@@ -188,7 +190,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(DataLayout.default().prefect_home))
     try:
         app()
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError, ValidationError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
     except Exception as exc:  # a known failure of the local stack reads as one line too

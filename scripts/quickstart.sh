@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job on the bundled real data: start the local Prefect server + worker (registering the
+# deployments of prefect.yaml), run the corpus build through them, and print what was built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VLP_VENV:-.venv}
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+"$VENV/bin/vlp" serve
+"$VENV/bin/prefect" deployment run build-corpus/default --watch
+"$VENV/bin/vlp" sql "select * from ingest_summary"
+"$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason"
+cat <<MSG
+
+Done. The Prefect UI is at http://127.0.0.1:4200 (server and worker keep running; stop them: .venv/bin/vlp stop).
+Inspect the corpus:  .venv/bin/vlp sql "select category, count(*) from images group by 1"
+               or:  .venv/bin/duckdb -readonly data/catalog.duckdb
+MSG

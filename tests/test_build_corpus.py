@@ -1,0 +1,149 @@
+"""The build-corpus flow against the session's real Prefect server: bad input, incremental re-runs, and a
+SIGKILL midway that resumes to the same tables as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from stores.catalog import connect
+from stores.shards import ShardStore
+from vlp_core.paths import REPO_ROOT, DataLayout
+
+
+def _corpus_dir(real: DataLayout, root: Path, n_images: int) -> Path:
+    """n real clip-art PNGs (with their SVGs) + bad files + a text file with bad lines."""
+    oca = root / "oca"
+    pngs = sorted((real.openclipart / "png" / "animals").rglob("*.png"))[:n_images]
+    for p in pngs:
+        rel = p.relative_to(real.openclipart / "png")
+        (oca / "png" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, oca / "png" / rel)
+        svg = real.openclipart / "svg" / rel.with_suffix(".svg")
+        if svg.exists():
+            (oca / "svg" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(svg, (oca / "svg" / rel).with_suffix(".svg"))
+    bad = oca / "png" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.png").write_text("not an image at all")
+    (bad / "truncated.png").write_bytes(pngs[0].read_bytes()[:300])
+    shutil.copy(
+        real.openclipart / "png" / "signs_and_symbols" / "_italy__lauris_kaplinski_01.png", bad
+    )  # 3×2
+    (oca / "svg" / "bad").mkdir(parents=True)
+    (oca / "svg" / "bad" / "notes.svg").write_text("<svg><metadata>unclosed")
+    text = root / "text.txt"
+    text.write_bytes(b"A dog sleeps on a red sofa.\n\n\xff\xfe broken bytes\n" + b"word " * 400 + b"\nOk.\n")
+    return root
+
+
+def _config(root: Path, **extra) -> Path:
+    cfg = {
+        "sources": [
+            {"name": "oca", "kind": "openclipart", "options": {"root": str(root / "oca")}},
+            {"name": "txt", "kind": "lines", "options": {"paths": str(root / "text.txt")}},
+        ],
+        "ingest": {"image_shard_size": 10, "max_chars": 300},
+        "runner": {"kind": "thread", "max_workers": 1},
+        **extra,
+    }
+    path = root / "corpus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_bad_inputs_become_reject_rows_and_reruns_are_incremental(prefect_stack, real, data_dir, tmp_path):
+    from flows.build_corpus import build_corpus
+
+    root = _corpus_dir(real, tmp_path, 25)
+    result = build_corpus(config=str(_config(root)))
+    assert result["ingest"]["images"] == 25
+    con = connect(data_dir.catalog)
+    reasons = dict(con.execute("select reason, n from rejects_by_reason").fetchall())
+    assert reasons == {
+        "empty_file": 1,
+        "not_an_image": 1,
+        "truncated": 1,
+        "too_small": 1,
+        "svg_metadata_unreadable": 1,
+        "invalid_utf8": 1,
+        "too_long": 1,
+    }
+    texts = [r[0] for r in con.execute("select text from texts where source = 'txt' order by uri").fetchall()]
+    assert texts == ["A dog sleeps on a red sofa.", "Ok."]
+    n_pairs = con.execute("select count(*) from known_pairs").fetchone()[0]
+    assert n_pairs >= 25  # every clip-art image here has at least a title
+    con.close()
+
+    again = build_corpus(config=str(_config(root)))
+    assert again["ingest"].get("shards", 0) == 0  # nothing new: every shard skipped
+
+    new = root / "oca" / "png" / "new"
+    new.mkdir()
+    for p in sorted((real.openclipart / "png" / "food").rglob("*.png"))[:3]:
+        shutil.copy(p, new)
+    more = build_corpus(config=str(_config(root)))
+    assert more["ingest"]["inputs"] == 3 and more["ingest"]["images"] == 3
+
+
+def _table_rows(layout: DataLayout, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
+    t = ShardStore(layout.store).read_table(table)
+    t = t.drop_columns([c for c in drop if c in t.column_names])
+    keys = [(c, "ascending") for c in t.column_names if not pa.types.is_list(t.schema.field(c).type)]
+    return t.take(pc.sort_indices(t, sort_keys=keys)).to_pylist()
+
+
+def test_sigkill_midway_resumes_to_identical_tables(prefect_stack, real, tmp_path, monkeypatch):
+    from flows.build_corpus import build_corpus
+
+    root = _corpus_dir(real, tmp_path, 300)
+    cfg = _config(root)
+    killed = DataLayout(tmp_path / "killed")
+    env = {**os.environ, "VLP_DATA_DIR": str(killed.root)}
+    code = f"from flows.build_corpus import build_corpus; build_corpus(config={str(cfg)!r})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    manifests = killed.store / "_manifests" / "ingest" / "oca"
+    t0 = time.time()
+    while len(list(manifests.glob("*.json"))) < 3:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() - t0 < 180, "no shard committed within 180 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(manifests.glob("*.json")))
+    assert n_done < 31, "killed too late to test a resume"
+
+    monkeypatch.setenv("VLP_DATA_DIR", str(killed.root))
+    resumed = build_corpus(config=str(cfg))
+    assert resumed["ingest"]["shards"] < 32  # only the unfinished shards ran again
+
+    clean = DataLayout(tmp_path / "clean")
+    monkeypatch.setenv("VLP_DATA_DIR", str(clean.root))
+    build_corpus(config=str(cfg))
+
+    for table, volatile in (
+        ("images", ()),
+        ("texts", ()),
+        ("known_pairs", ()),
+        ("rejects", ("rejected_at", "shard")),
+    ):
+        a, b = _table_rows(killed, table, volatile), _table_rows(clean, table, volatile)
+        assert len(a) == len(b) and a == b, table
+    assert len(_table_rows(clean, "images")) == 300
