@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from collections import Counter
 from typing import Any
@@ -194,9 +195,15 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     runner = make_task_runner(cfg.runner)
     counts = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
     build_catalog(layout.catalog, layout.store)
-    result = {"ingest": counts, "seconds": round(time.time() - t0, 1), **_publish(layout)}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, all task threads
+    result = {
+        "ingest": counts,
+        "seconds": round(time.time() - t0, 1),
+        "peak_rss_mb": round(peak_mb, 1),
+        **_publish(layout),
+    }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
-    log.info("ingest done in %.1fs: %s", result["seconds"], counts)
+    log.info("ingest done in %.1fs, peak RSS %.0f MB: %s", result["seconds"], peak_mb, counts)
     return result
 
 
