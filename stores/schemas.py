@@ -65,11 +65,47 @@ REJECTS = pa.schema(
     metadata={"doc": "one row per bad input record: which stage, which input, why"},
 )
 
+
+# --------------------------------------------------------------------------- corpus stages (after ingest)
+
+
+def vector(dim: int, dtype: pa.DataType = pa.float16()) -> pa.DataType:
+    """A fixed-size vector column (float16 on disk by default; DuckDB reads it as FLOAT[])."""
+    return pa.list_(dtype, dim)
+
+
+REGIONS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("region_idx", pa.int16(), nullable=False),  # 0 = the whole image
+        pa.field("label", pa.string(), nullable=False),  # detector label ("image" for the whole image)
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("box", vector(4, pa.float32()), nullable=False),  # x1, y1, x2, y2 px of the stored image
+        pa.field("box5", vector(5, pa.float32()), nullable=False),  # normalised box + area fraction
+        pa.field("detector", pa.string(), nullable=False),
+        pa.field("feature", pa.list_(pa.float16()), nullable=False),  # pooled backbone feature (RoIAlign)
+    ],
+    metadata={"doc": "detected regions (plus the whole image) with RoIAlign features"},
+)
+
+IMAGE_TAGS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("tags", pa.list_(pa.string()), nullable=False),  # de-duplicated, by score
+        pa.field("tag_scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("tag_origins", pa.list_(pa.string()), nullable=False),  # detector | imagenet
+        pa.field("tag_sentence", pa.string(), nullable=False),  # the retrieval query
+    ],
+    metadata={"doc": "object tags per image and the tag sentence used as the retrieval query"},
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "texts": TEXTS,
     "known_pairs": KNOWN_PAIRS,
     "rejects": REJECTS,
+    "regions": REGIONS,
+    "image_tags": IMAGE_TAGS,
 }
 
 
