@@ -13,6 +13,8 @@ import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -30,7 +32,7 @@ from stores.catalog import build_catalog
 from stores.shards import ShardStore, code_version, stable_hash, to_table
 from vlp_core.config import CorpusConfig, RunnerConfig, SourceSpec, load_corpus_config
 from vlp_core.ingest import STAGE as INGEST
-from vlp_core.ingest import ingest_images, ingest_texts
+from vlp_core.ingest import ShardRows, ingest_images, ingest_texts
 from vlp_core.paths import DataLayout
 from vlp_core.sources import Unit, build_source
 
@@ -62,82 +64,107 @@ def ingest_signature(spec: SourceSpec, cfg: CorpusConfig) -> str:
     return stable_hash(INGEST, spec.kind, spec.resolved_options(), params, INGEST_CODE)
 
 
+@dataclass
+class ShardJob:
+    """One shard of one stage: what to read (units), under which signature, plus stage-specific payload."""
+
+    stage: str
+    source: str
+    shard: str
+    signature: str
+    units: list[tuple[str, str]]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_jobs(
+    store: ShardStore,
+    stage: str,
+    source: str,
+    units: list[tuple[str, str]],
+    signature: str,
+    shard_size: int,
+    payload: dict[str, Any] | None = None,
+) -> list[ShardJob]:
+    """Drop the source's stale shards and return the shards still to do (logged)."""
+    plan = store.plan(stage, source, units, signature, shard_size)
+    for key in plan.stale:
+        store.drop(stage, source, key)
+    get_run_logger().info(
+        "%s/%s: %d units, %d shards done, %d stale dropped, %d shards (%d units) to do",
+        stage, source, len(units), len(plan.done), len(plan.stale), len(plan.todo), plan.n_units_todo,
+    )  # fmt: skip
+    return [ShardJob(stage, source, key, signature, chunk, dict(payload or {})) for key, chunk in plan.todo]
+
+
 @task(name="plan-ingest", cache_policy=NO_CACHE)
-def plan_ingest(spec: SourceSpec, cfg: CorpusConfig, store_root: str) -> list[dict[str, Any]]:
-    """List the source's units, drop stale shards, return the shards still to do."""
-    log = get_run_logger()
+def plan_ingest(spec: SourceSpec, cfg: CorpusConfig, store_root: str) -> list[ShardJob]:
+    """List the source's units and plan its ingest shards."""
     source = build_source(spec.kind, spec.name, **spec.resolved_options())
     units = [(u.key, u.fingerprint) for u in source.units()]
     if cfg.limit_per_source is not None:
         units = units[: cfg.limit_per_source]
     size = cfg.ingest.image_shard_size if source.modality == "image" else cfg.ingest.text_shard_size
-    store = ShardStore(store_root)
-    signature = ingest_signature(spec, cfg)
-    plan = store.plan(INGEST, spec.name, units, signature, size)
-    for key in plan.stale:
-        store.drop(INGEST, spec.name, key)
-    log.info(
-        "%s: %d units, %d shards done, %d stale dropped, %d shards (%d units) to do",
-        spec.name,
-        len(units),
-        len(plan.done),
-        len(plan.stale),
-        len(plan.todo),
-        plan.n_units_todo,
+    payload = {"spec": spec, "modality": source.modality}
+    return plan_jobs(
+        ShardStore(store_root), INGEST, spec.name, units, ingest_signature(spec, cfg), size, payload
     )
-    return [
-        {"spec": spec, "shard": key, "units": chunk, "signature": signature, "modality": source.modality}
-        for key, chunk in plan.todo
-    ]
 
 
-@task(name="ingest-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def ingest_shard(job: dict[str, Any], cfg: CorpusConfig, store_root: str) -> dict[str, int]:
-    """Read one shard's units, normalise, commit. Idempotent: a committed shard is skipped."""
-    spec: SourceSpec = job["spec"]
+def _ingest_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    spec: SourceSpec = job.payload["spec"]
+    source = build_source(spec.kind, spec.name, **spec.resolved_options())
+    records = source.read([Unit(k, fp) for k, fp in job.units], max_file_bytes=cfg.ingest.max_file_bytes)
+    if job.payload["modality"] == "image":
+        return ingest_images(
+            records, spec.name, job.shard, cfg.ingest.decode_limits(), cfg.ingest.text_limits()
+        )
+    return ingest_texts(records, spec.name, job.shard, cfg.ingest.text_limits())
+
+
+# stage name -> function computing one shard's rows (the library does the work; this only wires it)
+SHARD_ROWS: dict[str, Callable[[ShardJob, CorpusConfig], ShardRows]] = {INGEST: _ingest_rows}
+
+
+@task(name="shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def run_shard(job: ShardJob, cfg: CorpusConfig, store_root: str) -> dict[str, int]:
+    """Compute and atomically commit one shard. Idempotent: a committed shard is skipped."""
     store = ShardStore(store_root)
-    if store.is_committed(INGEST, spec.name, job["shard"]):
+    if store.is_committed(job.stage, job.source, job.shard):
         return {"skipped_shards": 1}
     t0 = time.time()
-    source = build_source(spec.kind, spec.name, **spec.resolved_options())
-    units = [Unit(k, fp) for k, fp in job["units"]]
-    records = source.read(units, max_file_bytes=cfg.ingest.max_file_bytes)
-    if job["modality"] == "image":
-        rows = ingest_images(
-            records, spec.name, job["shard"], cfg.ingest.decode_limits(), cfg.ingest.text_limits()
-        )
-    else:
-        rows = ingest_texts(records, spec.name, job["shard"], cfg.ingest.text_limits())
+    rows = SHARD_ROWS[job.stage](job, cfg)
     tables = {name: to_table(name, r) for name, r in rows.tables.items()}
     store.commit(
-        INGEST,
-        spec.name,
-        job["shard"],
-        job["signature"],
-        job["units"],
-        tables,
-        dict(rows.stats),
+        job.stage, job.source, job.shard, job.signature, job.units, tables, dict(rows.stats),
         seconds=time.time() - t0,
-    )
+    )  # fmt: skip
     return {**rows.stats, "shards": 1}
 
 
-def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
-    log = get_run_logger()
-    plans = [plan_ingest.submit(spec, cfg, store_root) for spec in cfg.sources]
-    jobs = [job for p in plans for job in p.result()]
+def map_shards(stage: str, jobs: list[ShardJob], cfg: CorpusConfig, store_root: str) -> Counter:
+    """Run ``jobs`` on the flow's task runner with a progress bar; log and return the summed counts."""
     totals: Counter = Counter()
     per_source: dict[str, Counter] = {}
-    futures = {ingest_shard.submit(job, cfg, store_root): job["spec"].name for job in jobs}
-    with tqdm(total=len(futures), desc="ingest shards", unit="shard", disable=None) as bar:
+    futures = {
+        run_shard.with_options(task_run_name=f"{stage}-{job.source}-{job.shard[:8]}").submit(
+            job, cfg, store_root
+        ): job.source
+        for job in jobs
+    }
+    with tqdm(total=len(futures), desc=f"{stage} shards", unit="shard", disable=None) as bar:
         for fut in as_completed(list(futures)):
             stats = fut.result()
             totals.update(stats)
             per_source.setdefault(futures[fut], Counter()).update(stats)
             bar.update(1)
     for name, c in sorted(per_source.items()):
-        log.info("%s: %s", name, dict(sorted(c.items())))
+        get_run_logger().info("%s/%s: %s", stage, name, dict(sorted(c.items())))
     return totals
+
+
+def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
+    plans = [plan_ingest.submit(spec, cfg, store_root) for spec in cfg.sources]
+    return map_shards(INGEST, [job for p in plans for job in p.result()], cfg, store_root)
 
 
 @flow(name="ingest")
