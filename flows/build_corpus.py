@@ -24,11 +24,14 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
+import vlp_core.corpus
 import vlp_core.images
 import vlp_core.ingest
+import vlp_core.language.embed
 import vlp_core.sources
 import vlp_core.text
-from stores.catalog import build_catalog
+from stores.catalog import build_catalog, connect
+from stores.faiss_store import FaissStore, IndexMeta, build_index_streaming, choose_factory
 from stores.shards import ShardStore, code_version, stable_hash, to_table
 from vlp_core.config import CorpusConfig, RunnerConfig, SourceSpec, load_corpus_config
 from vlp_core.ingest import STAGE as INGEST
@@ -167,6 +170,96 @@ def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
     return map_shards(INGEST, [job for p in plans for job in p.result()], cfg, store_root)
 
 
+# ------------------------------------------------------------------------------------------ embed, index
+
+EMBED, INDEX, CORPUS = "embed", "index", "corpus"
+EMBED_CODE = code_version(vlp_core.corpus, vlp_core.language.embed)
+
+
+def _embed_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    enc = vlp_core.corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    return vlp_core.corpus.embed_rows(enc, [k for k, _ in job.units], job.payload["texts"])
+
+
+SHARD_ROWS[EMBED] = _embed_rows
+
+
+@task(name="plan-embed", cache_policy=NO_CACHE)
+def plan_embed(cfg: CorpusConfig, catalog: str, store_root: str) -> list[ShardJob]:
+    """Every distinct sentence not yet embedded under the current model → shards of ``embed.shard_size``."""
+    con = connect(catalog)
+    try:
+        rows = con.execute("SELECT text_id, text FROM texts ORDER BY text_id").fetchall()
+    finally:
+        con.close()
+    text_of = dict(rows)
+    signature = stable_hash(EMBED, cfg.embed.model_path, EMBED_CODE)
+    units = [(tid, tid) for tid, _ in rows]  # content-hashed ids: the id is its own fingerprint
+    jobs = plan_jobs(ShardStore(store_root), EMBED, CORPUS, units, signature, cfg.embed.shard_size)
+    for job in jobs:
+        job.payload["texts"] = [text_of[k] for k, _ in job.units]
+    return jobs
+
+
+@task(name="build-index", cache_policy=NO_CACHE)
+def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any]:
+    """(Re)build the FAISS index over all sentence embeddings when the embedded set changed."""
+    store = ShardStore(layout.store)
+    manifests = store.manifests(EMBED, CORPUS)
+    files = sorted(
+        str(store.root / m.outputs["text_embeddings"]["file"])
+        for m in manifests.values()
+        if m.outputs.get("text_embeddings", {}).get("file")
+    )
+    n = sum(m.outputs.get("text_embeddings", {}).get("rows", 0) for m in manifests.values())
+    signature = stable_hash(INDEX, sorted(manifests), cfg.index.model_dump())
+    fs = FaissStore(layout.indexes)
+    try:
+        meta = fs.load_meta("sentences")
+        if meta.signature == signature:
+            get_run_logger().info(
+                "index 'sentences' is up to date (%d vectors, %s)", meta.count, meta.factory
+            )
+            return {"index_vectors": meta.count, "index_rebuilt": 0}
+    except FileNotFoundError:
+        pass
+    if n == 0:
+        return {"index_vectors": 0, "index_rebuilt": 0}
+    t0 = time.time()
+    ids: list[str] = []
+    dim = next(vlp_core.corpus.iter_embeddings(files[:1]))[1].shape[1]
+    factory = cfg.index.factory or choose_factory(
+        n, dim, int(cfg.index.memory_budget_gb * 2**30), exact_below=cfg.index.exact_below
+    )
+
+    def batches():
+        ids.clear()
+        for batch_ids, vecs in vlp_core.corpus.iter_embeddings(files):
+            ids.extend(batch_ids)
+            yield vecs
+
+    index = build_index_streaming(batches, n, dim, factory, train_sample=cfg.index.train_sample)
+    meta = IndexMeta(
+        name="sentences",
+        factory=factory,
+        dim=dim,
+        count=n,
+        nprobe=cfg.index.nprobe,
+        built_at=time.time(),
+        seconds=round(time.time() - t0, 2),
+        signature=signature,
+    )
+    fs.save("sentences", index, ids, meta)
+    get_run_logger().info("index 'sentences': %d vectors, %s, %.1fs", n, factory, meta.seconds)
+    return {"index_vectors": n, "index_rebuilt": 1}
+
+
+@flow(name="embed")
+def embed_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    jobs = plan_embed.submit(cfg, str(layout.catalog), str(layout.store)).result()
+    return dict(map_shards(EMBED, jobs, cfg, str(layout.store)))
+
+
 @flow(name="ingest")
 def ingest_flow(cfg: CorpusConfig, store_root: str) -> dict[str, int]:
     return dict(_ingest(cfg, store_root))
@@ -219,18 +312,30 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
 
     t0 = time.time()
-    runner = make_task_runner(cfg.runner)
-    counts = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
+    counts: dict[str, Any] = {}
+    stage_seconds: dict[str, float] = {}
     build_catalog(layout.catalog, layout.store)
+    for stage in cfg.stages:
+        ts = time.time()
+        runner = make_task_runner(cfg.runner)
+        if stage == INGEST:
+            counts[stage] = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
+        elif stage == EMBED:
+            counts[stage] = embed_flow.with_options(task_runner=runner)(cfg, layout)
+        elif stage == INDEX:
+            counts[stage] = build_sentence_index(cfg, layout)
+        stage_seconds[stage] = round(time.time() - ts, 1)
+        log.info("stage %s done in %.1fs", stage, stage_seconds[stage])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, all task threads
     result = {
-        "ingest": counts,
+        "counts": counts,
         "seconds": round(time.time() - t0, 1),
+        "stage_seconds": stage_seconds,
         "peak_rss_mb": round(peak_mb, 1),
         **_publish(layout),
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
-    log.info("ingest done in %.1fs, peak RSS %.0f MB: %s", result["seconds"], peak_mb, counts)
+    log.info("corpus built in %.1fs, peak RSS %.0f MB: %s", result["seconds"], peak_mb, counts)
     return result
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class IndexMeta:
     nprobe: int = 1
     built_at: float = 0.0
     seconds: float = 0.0
+    signature: str = ""  # what it was built from (the flow rebuilds when this changes)
 
 
 def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 * 2**30, exact_below: int = 10_000) -> str:
@@ -70,22 +72,57 @@ def build_index(
     seed: int = 0,
     add_batch: int = 65_536,
 ) -> tuple[faiss.Index, str]:
-    """Build (train + add) an inner-product index over normalised ``vectors`` [n, dim]."""
+    """Build (train + add) an inner-product index over normalised ``vectors`` [n, dim] held in memory."""
     n, dim = vectors.shape
-    factory = factory or choose_factory(n, dim, memory_budget_bytes)
+
+    def batches() -> Iterator[np.ndarray]:
+        for i in range(0, n, add_batch):
+            yield vectors[i : i + add_batch]
+
+    if factory is None:
+        factory = choose_factory(n, dim, memory_budget_bytes)
+    if n > train_sample:  # a random (not leading) sample when the vectors are all here anyway
+        rng = np.random.default_rng(seed)
+        sample = vectors[np.sort(rng.choice(n, train_sample, replace=False))]
+    else:
+        sample = vectors
+    return build_index_streaming(batches, n, dim, factory, sample=sample), factory
+
+
+def build_index_streaming(
+    batches: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    dim: int,
+    factory: str,
+    sample: np.ndarray | None = None,
+    train_sample: int = 262_144,
+) -> faiss.Index:
+    """Build an index from a re-iterable stream of [b, dim] batches: memory ~ one batch + the training sample.
+
+    Without ``sample`` the first ``train_sample`` vectors of the stream train the index (store files are in
+    content-hash order, which is as good as random).
+    """
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = (
-            vectors if n <= train_sample else vectors[np.sort(rng.choice(n, train_sample, replace=False))]
-        )
+        if sample is None:
+            parts, got = [], 0
+            for b in batches():
+                parts.append(np.asarray(b, dtype=np.float32)[: train_sample - got])
+                got += len(parts[-1])
+                if got >= train_sample:
+                    break
+            sample = np.concatenate(parts)
         index = _maybe_gpu(index)
         index.train(_normalise(sample))
-    for i in range(0, n, add_batch):
-        index.add(_normalise(vectors[i : i + add_batch]))
+    added = 0
+    for b in batches():
+        index.add(_normalise(b))
+        added += len(b)
+    if added != n:
+        raise ValueError(f"stream gave {added} vectors, expected {n}")
     if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() > 0:
         index = faiss.index_gpu_to_cpu(index)
-    return index, factory
+    return index
 
 
 class FaissStore:
@@ -119,11 +156,15 @@ class FaissStore:
             old.rmdir()
         return final
 
+    def load_meta(self, name: str) -> IndexMeta:
+        p = self.path(name) / "meta.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no index {name!r} under {self.root}")
+        return IndexMeta(**json.loads(p.read_text()))
+
     def load(self, name: str) -> tuple[faiss.Index, np.ndarray, IndexMeta]:
         p = self.path(name)
-        if not (p / "meta.json").exists():
-            raise FileNotFoundError(f"no index {name!r} under {self.root}")
-        meta = IndexMeta(**json.loads((p / "meta.json").read_text()))
+        meta = self.load_meta(name)
         index = faiss.read_index(str(p / "index.faiss"))
         if hasattr(index, "nprobe"):
             index.nprobe = meta.nprobe

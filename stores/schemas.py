@@ -99,6 +99,14 @@ IMAGE_TAGS = pa.schema(
     metadata={"doc": "object tags per image and the tag sentence used as the retrieval query"},
 )
 
+TEXT_EMBEDDINGS = pa.schema(
+    [
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float16()), nullable=False),  # L2-normalised
+    ],
+    metadata={"doc": "Sentence-BERT embeddings of the distinct corpus sentences"},
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "texts": TEXTS,
@@ -106,6 +114,7 @@ TABLES: dict[str, pa.Schema] = {
     "rejects": REJECTS,
     "regions": REGIONS,
     "image_tags": IMAGE_TAGS,
+    "text_embeddings": TEXT_EMBEDDINGS,
 }
 
 

@@ -67,7 +67,7 @@ def test_bad_inputs_become_reject_rows_and_reruns_are_incremental(prefect_stack,
 
     root = _corpus_dir(real, tmp_path, 25)
     result = build_corpus(config=str(_config(root)))
-    assert result["ingest"]["images"] == 25
+    assert result["counts"]["ingest"]["images"] == 25
     con = connect(data_dir.catalog)
     reasons = dict(con.execute("select reason, n from rejects_by_reason").fetchall())
     assert reasons == {
@@ -86,14 +86,14 @@ def test_bad_inputs_become_reject_rows_and_reruns_are_incremental(prefect_stack,
     con.close()
 
     again = build_corpus(config=str(_config(root)))
-    assert again["ingest"].get("shards", 0) == 0  # nothing new: every shard skipped
+    assert again["counts"]["ingest"].get("shards", 0) == 0  # nothing new: every shard skipped
 
     new = root / "oca" / "png" / "new"
     new.mkdir()
     for p in sorted((real.openclipart / "png" / "food").rglob("*.png"))[:3]:
         shutil.copy(p, new)
     more = build_corpus(config=str(_config(root)))
-    assert more["ingest"]["inputs"] == 3 and more["ingest"]["images"] == 3
+    assert more["counts"]["ingest"]["inputs"] == 3 and more["counts"]["ingest"]["images"] == 3
 
 
 def _table_rows(layout: DataLayout, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
@@ -132,7 +132,7 @@ def test_sigkill_midway_resumes_to_identical_tables(prefect_stack, real, tmp_pat
 
     monkeypatch.setenv("VLP_DATA_DIR", str(killed.root))
     resumed = build_corpus(config=str(cfg))
-    assert resumed["ingest"]["shards"] < 32  # only the unfinished shards ran again
+    assert resumed["counts"]["ingest"]["shards"] < 32  # only the unfinished shards ran again
 
     clean = DataLayout(tmp_path / "clean")
     monkeypatch.setenv("VLP_DATA_DIR", str(clean.root))
@@ -147,3 +147,36 @@ def test_sigkill_midway_resumes_to_identical_tables(prefect_stack, real, tmp_pat
         a, b = _table_rows(killed, table, volatile), _table_rows(clean, table, volatile)
         assert len(a) == len(b) and a == b, table
     assert len(_table_rows(clean, "images")) == 300
+
+
+def test_embed_and_index_stages_are_incremental(prefect_stack, real, data_dir, tmp_path):
+    from flows.build_corpus import build_corpus
+    from stores.faiss_store import FaissStore, search
+    from vlp_core.corpus import sentence_encoder
+
+    root = _corpus_dir(real, tmp_path, 12)
+    cfg = str(_config(root, stages=["ingest", "embed", "index"], embed={"shard_size": 16}))
+    first = build_corpus(config=cfg)
+    con = connect(data_dir.catalog)
+    n_texts = con.execute("select count(*) from texts").fetchone()[0]
+    con.close()
+    assert first["counts"]["embed"]["embedded"] == n_texts > 12
+    assert first["counts"]["index"] == {"index_vectors": n_texts, "index_rebuilt": 1}
+
+    index, ids, meta = FaissStore(data_dir.indexes).load("sentences")
+    assert meta.factory == "Flat" and index.ntotal == n_texts and len(set(ids)) == n_texts
+    enc = sentence_encoder(None, None, 128)
+    hits, scores = search(index, ids, enc.encode(["A dog sleeps on a red sofa."]), k=3)
+    con = connect(data_dir.catalog)
+    top = con.execute("select text from texts where text_id = ?", [hits[0, 0]]).fetchone()[0]
+    con.close()
+    assert top == "A dog sleeps on a red sofa." and scores[0, 0] > 0.99
+
+    again = build_corpus(config=cfg)
+    assert again["counts"]["embed"].get("shards", 0) == 0 and again["counts"]["index"]["index_rebuilt"] == 0
+
+    with open(root / "text.txt", "ab") as f:
+        f.write(b"A brand new sentence about a zebra.\n")
+    more = build_corpus(config=cfg)
+    assert more["counts"]["embed"]["embedded"] == 1
+    assert more["counts"]["index"] == {"index_vectors": n_texts + 1, "index_rebuilt": 1}

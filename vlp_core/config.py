@@ -68,9 +68,36 @@ class RunnerConfig(_Strict):
     dask_address: str | None = None  # an existing scheduler; None starts a LocalCluster
 
 
+class EmbedConfig(_Strict):
+    """Sentence-BERT embeddings of every corpus sentence (float16 on disk)."""
+
+    model_path: str | None = Field(None, description="sentence-transformers model dir (default: MiniLM)")
+    batch_size: int = 128
+    shard_size: int = Field(2048, description="sentences per shard")
+    device: str | None = None  # None: CUDA when available
+
+
+class IndexConfig(_Strict):
+    """FAISS index over sentence embeddings; the type follows corpus size and memory unless forced."""
+
+    factory: str | None = Field(None, description="FAISS factory string; None chooses by size and memory")
+    memory_budget_gb: float = 4.0
+    exact_below: int = 10_000
+    nprobe: int = 16
+    train_sample: int = 262_144
+
+
+STAGES = ("ingest", "embed", "index")
+
+
 class CorpusConfig(_Strict):
     sources: list[SourceSpec]
+    stages: list[Literal["ingest", "embed", "index"]] = Field(
+        default_factory=lambda: ["ingest"], description="stages to run, in pipeline order"
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     limit_per_source: int | None = Field(
         None, description="process only the first N units of each source (quick runs, smoke tests)"
