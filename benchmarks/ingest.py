@@ -14,10 +14,12 @@ Three stages run one after another, each in its own child process (this script r
                     ``ShardStore.commit`` of shards of ``--shard-size`` units into a temporary store.
 
 All stages see the same list of files (the source's units, sorted, first ``--limit``). The files are read
-once before the first stage so every stage runs on a warm page cache. ``--workers K`` runs every stage
-(baseline included, so the ratio stays like for like) with a 'spawn' pool of K processes over disjoint
-chunks of ``--shard-size`` files, handed out dynamically; peak RSS is then the largest single process and
-the JSON also has the sum over processes.
+once before the first stage so every stage runs on a warm page cache. Time is wall-clock over the stage's
+work only (imports, listing units and starting workers are not timed); CPU seconds are reported beside it
+because a shared machine makes wall time noisy. ``--workers K`` runs every stage (baseline included, so the
+ratio stays like for like) with a 'spawn' pool of K processes over disjoint chunks, handed out dynamically:
+ingest shards of ``--shard-size`` units, or ``--chunk-size`` files for baseline/decode. Peak RSS is then
+that of the largest single process; the sum over processes is printed below the table and in the JSON.
 
     .venv/bin/python benchmarks/ingest.py                 # first 1000 clip-art PNGs
     .venv/bin/python benchmarks/ingest.py --limit 0       # the whole collection
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -98,8 +101,10 @@ def _chunk_baseline(job: dict[str, Any], tick: Callable[[int], None] | None = No
     counts: Counter = Counter()
     skipped: list[dict[str, Any]] = []
     messages: dict[str, str] = {}  # first message per warning / exception type
+    over = {"files": 0, "seconds": 0.0}  # files over --max-pixels (the ones decode_image rejects unread)
     for key in job["keys"]:
         path = root / key
+        t0, w, h, decoded = time.perf_counter(), 0, 0, False
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -113,12 +118,16 @@ def _chunk_baseline(job: dict[str, Any], tick: Callable[[int], None] | None = No
                     else:
                         im.convert("RGB")
                         counts["ok"] += 1
+                        decoded = True
             for warn in caught:
                 counts[f"warning:{warn.category.__name__}"] += 1
                 messages.setdefault(warn.category.__name__, str(warn.message)[:200])
         except Exception as exc:  # noqa: BLE001 - the point is to count what a plain loop runs into
             counts[f"error:{type(exc).__name__}"] += 1
             messages.setdefault(type(exc).__name__, str(exc)[:200])
+        if decoded and w * h > job["max_pixels"]:
+            over["files"] += 1
+            over["seconds"] += time.perf_counter() - t0
         if tick:
             tick(1)
     return {
@@ -126,6 +135,7 @@ def _chunk_baseline(job: dict[str, Any], tick: Callable[[int], None] | None = No
         "counts": counts,
         "skipped": skipped,
         "messages": messages,
+        "over_max_pixels": over,
         "rss_mb": _rss_mb(),
         "pid": os.getpid(),
     }
@@ -216,6 +226,14 @@ def _init_worker(stage: str, barrier) -> None:
 CHUNK_FUNCS = {"baseline": _chunk_baseline, "decode": _chunk_decode, "ingest": _chunk_ingest}
 
 
+def _run_chunk(stage: str, job: dict[str, Any], tick: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """One chunk of a stage, plus the CPU seconds (user + system) this process spent on it."""
+    cpu0 = time.process_time()
+    res = CHUNK_FUNCS[stage](job, tick)
+    res["cpu_s"] = time.process_time() - cpu0
+    return res
+
+
 # ---------------------------------------------------------------------------------------------- a stage
 
 
@@ -256,7 +274,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
     with _progress(len(keys), STAGE_LABELS[stage]) as bar:
         t0 = time.perf_counter()
         if workers <= 1:
-            results = [CHUNK_FUNCS[stage](job, bar.update) for job in jobs]
+            results = [_run_chunk(stage, job, bar.update) for job in jobs]
         else:
             import multiprocessing as mp
 
@@ -267,7 +285,9 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
             barrier.wait()
             t0 = time.perf_counter()
             with pool:
-                for res in pool.imap_unordered(CHUNK_FUNCS[stage], jobs):  # dynamic: big files cluster
+                for res in pool.imap_unordered(
+                    functools.partial(_run_chunk, stage), jobs
+                ):  # dynamic: big files cluster
                     results.append(res)
                     bar.update(res["n"])
         seconds = time.perf_counter() - t0
@@ -275,12 +295,17 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
     per_pid: dict[int, float] = {}
     skipped: list[dict[str, Any]] = []
     messages: dict[str, str] = {}
+    over: dict[str, float] = {}
+    cpu_s = 0.0
     for res in results:
         counts.update(res["counts"])
+        cpu_s += res["cpu_s"]
         per_pid[res["pid"]] = max(per_pid.get(res["pid"], 0.0), res["rss_mb"])
         skipped += res.get("skipped", [])
         for k, v in res.get("messages", {}).items():
             messages.setdefault(k, v)
+        for k, v in res.get("over_max_pixels", {}).items():
+            over[k] = over.get(k, 0) + v
     own = _rss_mb()
     per_pid[os.getpid()] = own
     out: dict[str, Any] = {
@@ -288,6 +313,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
         "files": len(keys),
         "input_bytes": spec["input_bytes"],
         "seconds": seconds,
+        "cpu_seconds": cpu_s,
         "workers": workers,
         "ok": counts.pop("ok", 0),
         "counts": dict(sorted(counts.items())),
@@ -299,6 +325,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
         out["pil_max_image_pixels"] = pil_limit
         out["skipped"] = skipped
         out["messages"] = messages
+        out["over_max_pixels"] = over
         out["skipped_alloc_gb"] = sum(s["bytes"] for s in skipped) / 1e9
     if store_dir is not None:
         out["store_mb"] = sum(p.stat().st_size for p in Path(store_dir).rglob("*") if p.is_file()) / MB
@@ -321,7 +348,9 @@ def list_files(root: Path, limit: int) -> list[str]:
 
 def _fmt_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["stage"] == "baseline"), None)
-    header = ["stage", "files", "ok", "not ok", "seconds", "images/s", "MB/s", "peak RSS MB", "vs baseline"]
+    header = [
+        "stage", "files", "ok", "not ok", "seconds", "CPU s", "images/s", "MB/s", "peak RSS MB", "vs baseline"
+    ]  # fmt: skip
     lines = []
     for r in rows:
         ips = r["files"] / r["seconds"] if r["seconds"] else float("inf")
@@ -333,6 +362,7 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['ok']:,}",
                 f"{r['files'] - r['ok']:,}",
                 f"{r['seconds']:.2f}",
+                f"{r['cpu_seconds']:.2f}",
                 f"{ips:,.1f}",
                 f"{r['input_bytes'] / MB / r['seconds']:.1f}",
                 f"{r['peak_rss_mb']:,.0f}",
@@ -356,6 +386,13 @@ def _details(rows: list[dict[str, Any]]) -> str:
         if r["stage"] == "baseline":
             lim = r["pil_max_image_pixels"]
             out.append(f"          Image.MAX_IMAGE_PIXELS={lim}" + (" (Pillow default)" if lim else " (off)"))
+            over = r.get("over_max_pixels") or {}
+            if over.get("files"):
+                out.append(
+                    f"          {over['seconds']:.1f} s (per-file time, summed over workers) went to the "
+                    f"{over['files']} file(s) over --max-pixels that it decoded (decode_image rejects them "
+                    "from the header)"
+                )
             if r["skipped"]:
                 names = ", ".join(f"{s['key']} ({s['w']}x{s['h']})" for s in r["skipped"])
                 out.append(
@@ -367,6 +404,11 @@ def _details(rows: list[dict[str, Any]]) -> str:
         for k, v in r.get("messages", {}).items():
             out.append(f"          e.g. {k}: {v}")
         out.append(f"          RSS at stage start (imports done) {r['rss_at_start_mb']:.0f} MB")
+        if r["workers"] > 1:
+            out.append(
+                f"          {r['workers']} workers: peak RSS summed over the stage process and its workers "
+                f"{r['peak_rss_sum_mb']:,.0f} MB"
+            )
     return "\n".join(out)
 
 

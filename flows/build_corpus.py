@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -30,6 +31,9 @@ import vlp_core.ingest
 import vlp_core.language.embed
 import vlp_core.sources
 import vlp_core.text
+import vlp_core.vision.darknet
+import vlp_core.vision.detect
+import vlp_core.vision.features
 from stores.catalog import build_catalog, connect
 from stores.faiss_store import FaissStore, IndexMeta, build_index_streaming, choose_factory
 from stores.shards import ShardStore, code_version, stable_hash, to_table
@@ -39,6 +43,8 @@ from vlp_core.ingest import ShardRows, ingest_images, ingest_texts
 from vlp_core.paths import DataLayout
 from vlp_core.sources import Unit, build_source
 
+CORPUS = "corpus"  # the source name of stages over the whole (deduplicated) corpus
+VISION_MODULES = (vlp_core.vision.darknet, vlp_core.vision.detect, vlp_core.vision.features)
 INGEST_CODE = code_version(vlp_core.images, vlp_core.text, vlp_core.sources, vlp_core.ingest)
 
 
@@ -170,9 +176,55 @@ def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
     return map_shards(INGEST, [job for p in plans for job in p.result()], cfg, store_root)
 
 
+# ------------------------------------------------------------------------------------------------ regions
+
+REGIONS = "regions"
+REGIONS_CODE = code_version(vlp_core.corpus, *VISION_MODULES)
+
+
+def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    ids = [k for k, _ in job.units]
+    jpeg_of: dict[str, bytes] = {}
+    for f, file_ids in job.payload["files"].items():  # read only this shard's rows from its ingest files
+        t = pq.read_table(f, columns=["image_id", "image"], filters=[("image_id", "in", file_ids)])
+        jpeg_of.update(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist(), strict=True))
+    detector, extractor = vlp_core.corpus.vision_models(cfg.regions)
+    return vlp_core.corpus.region_rows(ids, [jpeg_of[i] for i in ids], detector, extractor, cfg.regions)
+
+
+SHARD_ROWS[REGIONS] = _region_rows
+
+
+@task(name="plan-regions", cache_policy=NO_CACHE)
+def plan_regions(cfg: CorpusConfig, catalog: str, store_root: str) -> list[ShardJob]:
+    """Every distinct image without regions under the current settings → shards of ``regions.shard_size``."""
+    con = connect(catalog)
+    try:
+        rows = con.execute("SELECT image_id, filename FROM images ORDER BY filename, image_id").fetchall()
+    finally:
+        con.close()
+    file_of = dict(rows)
+    signature = stable_hash(REGIONS, cfg.regions.model_dump(exclude={"shard_size", "batch_size", "device"}),
+                            REGIONS_CODE)  # fmt: skip
+    units = [(iid, iid) for iid, _ in rows]
+    jobs = plan_jobs(ShardStore(store_root), REGIONS, CORPUS, units, signature, cfg.regions.shard_size)
+    for job in jobs:
+        files: dict[str, list[str]] = {}
+        for k, _ in job.units:
+            files.setdefault(file_of[k], []).append(k)
+        job.payload["files"] = files
+    return jobs
+
+
+@flow(name="regions")
+def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    jobs = plan_regions.submit(cfg, str(layout.catalog), str(layout.store)).result()
+    return dict(map_shards(REGIONS, jobs, cfg, str(layout.store)))
+
+
 # ------------------------------------------------------------------------------------------ embed, index
 
-EMBED, INDEX, CORPUS = "embed", "index", "corpus"
+EMBED, INDEX = "embed", "index"
 EMBED_CODE = code_version(vlp_core.corpus, vlp_core.language.embed)
 
 
@@ -320,6 +372,8 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
         runner = make_task_runner(cfg.runner)
         if stage == INGEST:
             counts[stage] = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
+        elif stage == REGIONS:
+            counts[stage] = regions_flow.with_options(task_runner=runner)(cfg, layout)
         elif stage == EMBED:
             counts[stage] = embed_flow.with_options(task_runner=runner)(cfg, layout)
         elif stage == INDEX:

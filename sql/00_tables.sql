@@ -1,7 +1,7 @@
 -- Raw tables: every committed shard file of each Parquet table. ${STORE} is replaced by the store path
 -- when the catalog is (re)built. Files are globbed at query time, so new shards show up without a rebuild.
 CREATE OR REPLACE VIEW images_raw AS
-SELECT * FROM read_parquet('${STORE}/images/**/*.parquet');
+SELECT * FROM read_parquet('${STORE}/images/**/*.parquet', filename = true);
 
 CREATE OR REPLACE VIEW texts_raw AS
 SELECT * FROM read_parquet('${STORE}/texts/**/*.parquet');
@@ -11,3 +11,12 @@ SELECT * FROM read_parquet('${STORE}/known_pairs/**/*.parquet');
 
 CREATE OR REPLACE VIEW rejects AS
 SELECT * FROM read_parquet('${STORE}/rejects/**/*.parquet');
+
+CREATE OR REPLACE VIEW regions AS
+SELECT * FROM read_parquet('${STORE}/regions/**/*.parquet');
+
+CREATE OR REPLACE VIEW image_tags AS
+SELECT * FROM read_parquet('${STORE}/image_tags/**/*.parquet');
+
+CREATE OR REPLACE VIEW text_embeddings AS
+SELECT * FROM read_parquet('${STORE}/text_embeddings/**/*.parquet');

@@ -7,7 +7,7 @@ QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY source, uri) = 1;
 
 -- Every place an image was found (duplicates across folders, sources or symlinks).
 CREATE OR REPLACE VIEW image_sources AS
-SELECT image_id, source, uri, category FROM images_raw;
+SELECT image_id, source, uri, category, filename FROM images_raw;
 
 -- One row per distinct normalised sentence.
 CREATE OR REPLACE VIEW texts AS

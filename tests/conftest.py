@@ -37,8 +37,16 @@ os.environ.update(
     PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
 )
 (_SESSION_DIR / "data").mkdir(parents=True, exist_ok=True)
-if REAL.raw.exists() and not (_SESSION_DIR / "data" / "raw").exists():
-    (_SESSION_DIR / "data" / "raw").symlink_to(REAL.raw)
+
+
+def link_fetched(root: Path) -> None:
+    """Link the fetched raw data and model files (read-only inputs) into a test data directory."""
+    for name in ("raw", "models"):
+        if (REAL.root / name).exists() and not (root / name).exists():
+            (root / name).symlink_to(REAL.root / name)
+
+
+link_fetched(_SESSION_DIR / "data")
 
 
 def needs_real_data(path: Path) -> None:
@@ -82,7 +90,6 @@ def data_dir(tmp_path, monkeypatch) -> DataLayout:
     """A fresh, empty data directory (with the real raw data linked in) for one test."""
     root = tmp_path / "data"
     root.mkdir()
-    if REAL.raw.exists():
-        (root / "raw").symlink_to(REAL.raw)
+    link_fetched(root)
     monkeypatch.setenv("VLP_DATA_DIR", str(root))
     return DataLayout(root)

@@ -180,3 +180,52 @@ def test_embed_and_index_stages_are_incremental(prefect_stack, real, data_dir, t
     more = build_corpus(config=cfg)
     assert more["counts"]["embed"]["embedded"] == 1
     assert more["counts"]["index"] == {"index_vectors": n_texts + 1, "index_rebuilt": 1}
+
+
+def test_regions_stage_features_and_tags(prefect_stack, real, data_dir, tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from flows.build_corpus import build_corpus
+
+    photos = tmp_path / "photos" / "photo"
+    photos.mkdir(parents=True)
+    for name in ("chelsea", "coffee", "motorcycle_left"):
+        arr = getattr(skdata, name)() if name != "motorcycle_left" else skdata.stereo_motorcycle()[0]
+        Image.fromarray(arr).save(photos / f"{name}.png")
+    root = _corpus_dir(real, tmp_path, 6)
+    cfg = {
+        "sources": [
+            {"name": "oca", "kind": "openclipart", "options": {"root": str(root / "oca")}},
+            {"name": "photos", "kind": "image_dir", "options": {"root": str(tmp_path / "photos")}},
+        ],
+        "stages": ["ingest", "regions"],
+        "regions": {"shard_size": 4},
+    }
+    path = tmp_path / "regions.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = build_corpus(config=str(path))
+    con = connect(data_dir.catalog)
+    n_images = con.execute("select count(*) from images").fetchone()[0]
+    assert first["counts"]["regions"]["images"] == n_images >= 8  # distinct images (duplicates collapse)
+    whole = con.execute(
+        "select count(*), min(len(feature)), max(len(feature)), min(list_min(box5)), max(list_max(box5)) "
+        "from regions where region_idx = 0 and label = 'image'"
+    ).fetchone()
+    assert whole == (n_images, 1280, 1280, 0.0, 1.0)
+    tags = dict(con.execute(
+        "select i.uri, t.tags from image_tags t join images i using (image_id) where i.source = 'photos'"
+    ).fetchall())  # fmt: skip
+    detections = con.execute("select label from regions where region_idx > 0").fetchall()
+    con.close()
+    chelsea = next(v for k, v in tags.items() if k.endswith("chelsea.png"))
+    assert any("cat" in t or "tabby" in t for t in chelsea), chelsea
+    motorcycle = next(v for k, v in tags.items() if k.endswith("motorcycle_left.png"))
+    assert {"motorbike", "moped", "motor scooter"} & set(motorcycle), motorcycle
+    from vlp_core.config import RegionsConfig
+    from vlp_core.corpus import vision_models
+
+    vocabulary = set(vision_models(RegionsConfig())[0].labels)
+    assert {label for (label,) in detections} <= vocabulary
+    again = build_corpus(config=str(path))
+    assert again["counts"]["regions"].get("shards", 0) == 0

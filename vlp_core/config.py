@@ -87,15 +87,31 @@ class IndexConfig(_Strict):
     train_sample: int = 262_144
 
 
-STAGES = ("ingest", "embed", "index")
+class RegionsConfig(_Strict):
+    """Region detection + RoIAlign features + tags, per distinct image."""
+
+    detector: str = Field("yolov3-tiny", description="yolov3-tiny (CPU default) | detectron2 (GPU clusters)")
+    detector_options: dict[str, Any] = Field(default_factory=dict)
+    conf_threshold: float = 0.2
+    image_size: int = Field(384, description="backbone input side for region features")
+    imagenet_tags: bool = Field(True, description="add the backbone's ImageNet top-k classes as tags")
+    imagenet_top_k: int = 3
+    imagenet_min_prob: float = 0.2
+    batch_size: int = 16
+    shard_size: int = Field(256, description="images per shard")
+    device: str | None = None
+
+
+STAGES = ("ingest", "regions", "embed", "index")
 
 
 class CorpusConfig(_Strict):
     sources: list[SourceSpec]
-    stages: list[Literal["ingest", "embed", "index"]] = Field(
+    stages: list[Literal["ingest", "regions", "embed", "index"]] = Field(
         default_factory=lambda: ["ingest"], description="stages to run, in pipeline order"
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)

@@ -7,8 +7,9 @@ grayscale, CMYK, EXIF-rotated JPEGs, truncated and non-image files. The rules, i
 2. not identifiable by Pillow → ``not_an_image``.
 3. shorter side below ``min_side`` → ``too_small``.
 4. more than ``max_pixels`` pixels: JPEGs are decoded downscaled in the DCT domain (``draft``, 1/2–1/8) when
-   that brings them under the limit; anything else → ``decompression_bomb``. Memory per decode is therefore
-   bounded by ``max_pixels`` × 4 bytes.
+   that brings them under the limit; anything else → ``decompression_bomb``. Peak memory per decode is
+   therefore bounded by about ``max_pixels`` × 8 bytes (the decoded buffer plus one RGBA copy; the image is
+   downscaled before compositing).
 5. decoding fails part-way → ``truncated`` (Pillow's "image file is truncated") or ``decode_error``.
 6. EXIF orientation is applied; palette / alpha images are composited on white; grayscale, CMYK, 16-bit and
    bilevel images become 8-bit RGB; animated images keep their first frame.
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow's own bomb check raises at open() before we can read the size; we enforce our own configurable
-# limit (rule 4) before any pixel is decoded, so the global one is switched off.
+# Pillow's own bomb check raises at open() before we can read the size (and before a huge JPEG could be
+# decoded downscaled); we enforce our own configurable limit (rule 4) before any pixel is decoded, so
+# importing this module switches Pillow's process-wide check off. Documented in ARCHITECTURE.md.
 Image.MAX_IMAGE_PIXELS = None
 
 
@@ -62,28 +64,36 @@ class Rejected:
     detail: str
 
 
-def _to_rgb(im: Image.Image, flags: list[str]) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
+def _to_resizable(im: Image.Image, flags: list[str]) -> Image.Image:
+    """Bring any Pillow mode to RGB, RGBA or L (modes Pillow resamples correctly), without compositing."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         flags.append("palette")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:  # some pixel is not fully opaque
-            flags.append("alpha_composited")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    elif im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
         flags.append("high_bit_depth")
         lo, hi = im.getextrema()
         scale = 255.0 / max(hi - lo, 1)
         im = im.point(lambda v: (v - lo) * scale).convert("L")
-    if im.mode != "RGB":
-        if im.mode in ("L", "1"):
+    elif im.mode not in ("RGB", "RGBA", "L"):
+        if im.mode == "1":
             flags.append("grayscale")
         im = im.convert("RGB")
     return im
+
+
+def _to_rgb(im: Image.Image, flags: list[str]) -> Image.Image:
+    """RGB/RGBA/L → 8-bit RGB; transparent pixels become white."""
+    if im.mode == "RGBA":
+        if im.getextrema()[3][0] < 255:  # some pixel is not fully opaque
+            flags.append("alpha_composited")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode == "L":
+        flags.append("grayscale")
+    return im.convert("RGB") if im.mode != "RGB" else im
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage | Rejected:
@@ -128,10 +138,12 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
         if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation tag
             im = ImageOps.exif_transpose(im)
             flags.append("exif_rotated")
-        im = _to_rgb(im, flags)
+        # Downscale before compositing: only the decode buffer and one converted copy are ever full size.
+        im = _to_resizable(im, flags)
         if max(im.size) > limits.store_max_side:
             im.thumbnail((limits.store_max_side, limits.store_max_side), Image.Resampling.LANCZOS, 2.0)
             flags.append("downscaled")
+        im = _to_rgb(im, flags)
         out = io.BytesIO()
         im.save(out, format="JPEG", quality=limits.jpeg_quality)
     except OSError as exc:
