@@ -29,6 +29,8 @@ import vlp_core.corpus
 import vlp_core.images
 import vlp_core.ingest
 import vlp_core.language.embed
+import vlp_core.language.linking
+import vlp_core.language.phrases
 import vlp_core.sources
 import vlp_core.text
 import vlp_core.vision.darknet
@@ -306,6 +308,136 @@ def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any
     return {"index_vectors": n, "index_rebuilt": 1}
 
 
+# --------------------------------------------------------------------------- retrieve, phrases, links
+
+RETRIEVE, PHRASES, LINKS = "retrieve", "phrases", "links"
+LANGUAGE_CODE = code_version(vlp_core.corpus, vlp_core.language.phrases, vlp_core.language.linking)
+_INDEX_CACHE: dict[str, tuple] = {}
+
+
+def _sentence_index(layout_indexes: str, signature: str) -> tuple:
+    """The FAISS index + id map, loaded once per process and index version."""
+    key = f"{layout_indexes}:{signature}"
+    if key not in _INDEX_CACHE:
+        index, ids, _ = FaissStore(layout_indexes).load("sentences")
+        _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = (index, ids)
+    return _INDEX_CACHE[key]
+
+
+def _retrieve_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    enc = vlp_core.corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    index, ids = _sentence_index(job.payload["indexes"], job.payload["index_signature"])
+    image_ids = [k for k, _ in job.units]
+    return vlp_core.corpus.retrieve_rows(
+        enc, index, ids, image_ids, job.payload["queries"], cfg.retrieve.top_k
+    )
+
+
+def _phrase_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    return vlp_core.corpus.phrase_rows(
+        vlp_core.corpus.phrase_extractor(), [k for k, _ in job.units], job.payload["texts"]
+    )
+
+
+def _link_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    sim = vlp_core.corpus.similarity(cfg.link.similarity)
+    return vlp_core.corpus.link_rows(sim, job.payload["images"], cfg.link.min_score, cfg.link.mask_base)
+
+
+SHARD_ROWS.update({RETRIEVE: _retrieve_rows, PHRASES: _phrase_rows, LINKS: _link_rows})
+
+
+def _query(catalog: str, sql: str) -> list[tuple]:
+    con = connect(catalog)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@task(name="plan-retrieve", cache_policy=NO_CACHE)
+def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+    """Every image's tag sentence against the current index. A new index (new sentences) re-keys every
+    shard: retrieval over a grown corpus can change any image's top-K."""
+    meta = FaissStore(layout.indexes).load_meta("sentences")
+    rows = _query(str(layout.catalog), "SELECT image_id, tag_sentence FROM image_tags ORDER BY image_id")
+    query_of = dict(rows)
+    signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path, EMBED_CODE)
+    units = [(iid, stable_hash(q, n=8)) for iid, q in rows]
+    payload = {"indexes": str(layout.indexes), "index_signature": meta.signature}
+    jobs = plan_jobs(ShardStore(layout.store), RETRIEVE, CORPUS, units, signature, cfg.retrieve.shard_size,
+                     payload)  # fmt: skip
+    for job in jobs:
+        job.payload["queries"] = [query_of[k] for k, _ in job.units]
+    return jobs
+
+
+@task(name="plan-phrases", cache_policy=NO_CACHE)
+def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+    """Noun phrases of every sentence that some image retrieved."""
+    rows = _query(str(layout.catalog), "SELECT t.text_id, t.text FROM texts t "
+                  "WHERE t.text_id IN (SELECT text_id FROM retrieved_pairs) ORDER BY t.text_id")  # fmt: skip
+    text_of = dict(rows)
+    signature = stable_hash(PHRASES, LANGUAGE_CODE)
+    units = [(tid, tid) for tid, _ in rows]
+    jobs = plan_jobs(ShardStore(layout.store), PHRASES, CORPUS, units, signature, cfg.link.shard_size)
+    for job in jobs:
+        job.payload["texts"] = [text_of[k] for k, _ in job.units]
+    return jobs
+
+
+@task(name="plan-links", cache_policy=NO_CACHE)
+def plan_links(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+    """Per image: its tags (with their regions) and the noun phrases of its retrieved sentences."""
+    cat = str(layout.catalog)
+    tag_rows = _query(cat, "SELECT image_id, tags, tag_origins FROM image_tags ORDER BY image_id")
+    best_region = {
+        (iid, label): idx
+        for iid, label, idx in _query(
+            cat,
+            "SELECT image_id, label, arg_max(region_idx, score) FROM regions "
+            "WHERE region_idx > 0 GROUP BY ALL",
+        )  # fmt: skip
+    }
+    phrases: dict[str, list] = {}
+    for tid, idx, phrase in _query(cat, "SELECT text_id, phrase_idx, phrase FROM noun_phrases "
+                                        "ORDER BY text_id, phrase_idx"):  # fmt: skip
+        phrases.setdefault(tid, []).append((idx, phrase))
+    retrieved: dict[str, list[str]] = {}
+    for iid, tid in _query(cat, "SELECT image_id, text_id FROM retrieved_pairs ORDER BY image_id, rank"):
+        retrieved.setdefault(iid, []).append(tid)
+    item_of, units = {}, []
+    for iid, tags, origins in tag_rows:
+        tagged = [
+            (t, best_region.get((iid, t), 0) if o == "detector" else 0)
+            for t, o in zip(tags, origins, strict=True)
+        ]
+        texts = [(tid, phrases.get(tid, [])) for tid in retrieved.get(iid, [])]
+        item_of[iid] = {"image_id": iid, "tags": tagged, "texts": texts}
+        units.append((iid, stable_hash(tagged, texts, n=8)))
+    signature = stable_hash(LINKS, cfg.link.model_dump(exclude={"shard_size"}), LANGUAGE_CODE)
+    jobs = plan_jobs(ShardStore(layout.store), LINKS, CORPUS, units, signature, cfg.link.shard_size)
+    for job in jobs:
+        job.payload["images"] = [item_of[k] for k, _ in job.units]
+    return jobs
+
+
+@flow(name="retrieve")
+def retrieve_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    return dict(map_shards(RETRIEVE, plan_retrieve.submit(cfg, layout).result(), cfg, str(layout.store)))
+
+
+@flow(name="phrases")
+def phrases_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    return dict(map_shards(PHRASES, plan_phrases.submit(cfg, layout).result(), cfg, str(layout.store)))
+
+
+@flow(name="links")
+def links_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    return dict(map_shards(LINKS, plan_links.submit(cfg, layout).result(), cfg, str(layout.store)))
+
+
 @flow(name="embed")
 def embed_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
     jobs = plan_embed.submit(cfg, str(layout.catalog), str(layout.store)).result()
@@ -378,6 +510,9 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
             counts[stage] = embed_flow.with_options(task_runner=runner)(cfg, layout)
         elif stage == INDEX:
             counts[stage] = build_sentence_index(cfg, layout)
+        else:
+            stage_flow = {RETRIEVE: retrieve_flow, PHRASES: phrases_flow, LINKS: links_flow}[stage]
+            counts[stage] = stage_flow.with_options(task_runner=runner)(cfg, layout)
         stage_seconds[stage] = round(time.time() - ts, 1)
         log.info("stage %s done in %.1fs", stage, stage_seconds[stage])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, all task threads

@@ -20,3 +20,12 @@ SELECT * FROM read_parquet('${STORE}/image_tags/**/*.parquet');
 
 CREATE OR REPLACE VIEW text_embeddings AS
 SELECT * FROM read_parquet('${STORE}/text_embeddings/**/*.parquet');
+
+CREATE OR REPLACE VIEW retrieved_pairs AS
+SELECT * FROM read_parquet('${STORE}/retrieved_pairs/**/*.parquet');
+
+CREATE OR REPLACE VIEW noun_phrases AS
+SELECT * FROM read_parquet('${STORE}/noun_phrases/**/*.parquet');
+
+CREATE OR REPLACE VIEW phrase_links AS
+SELECT * FROM read_parquet('${STORE}/phrase_links/**/*.parquet');

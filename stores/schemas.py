@@ -107,6 +107,42 @@ TEXT_EMBEDDINGS = pa.schema(
     metadata={"doc": "Sentence-BERT embeddings of the distinct corpus sentences"},
 )
 
+RETRIEVED_PAIRS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),  # 1 = best
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # cosine(tag sentence, sentence)
+    ],
+    metadata={"doc": "top-K corpus sentences per image, retrieved with the image's tag sentence"},
+)
+
+NOUN_PHRASES = pa.schema(
+    [
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("phrase_idx", pa.int16(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("start_char", pa.int32(), nullable=False),
+        pa.field("end_char", pa.int32(), nullable=False),
+        pa.field("root_lemma", pa.string(), nullable=False),
+    ],
+    metadata={"doc": "spaCy noun chunks of every retrieved sentence, with character spans"},
+)
+
+PHRASE_LINKS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("region_idx", pa.int16(), nullable=False),  # the region carrying the tag (0: whole image)
+        pa.field("tag", pa.string(), nullable=False),
+        pa.field("phrase_idx", pa.int16(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # tag-phrase similarity
+        pa.field("mask_prob", pa.float32(), nullable=False),  # R-P masking probability (0.15 x score)
+    ],
+    metadata={"doc": "best noun phrase per (image, retrieved sentence, tagged region)"},
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "texts": TEXTS,
@@ -115,6 +151,9 @@ TABLES: dict[str, pa.Schema] = {
     "regions": REGIONS,
     "image_tags": IMAGE_TAGS,
     "text_embeddings": TEXT_EMBEDDINGS,
+    "retrieved_pairs": RETRIEVED_PAIRS,
+    "noun_phrases": NOUN_PHRASES,
+    "phrase_links": PHRASE_LINKS,
 }
 
 

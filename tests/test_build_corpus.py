@@ -182,7 +182,7 @@ def test_embed_and_index_stages_are_incremental(prefect_stack, real, data_dir, t
     assert more["counts"]["index"] == {"index_vectors": n_texts + 1, "index_rebuilt": 1}
 
 
-def test_regions_stage_features_and_tags(prefect_stack, real, data_dir, tmp_path):
+def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path):
     from PIL import Image
     from skimage import data as skdata
 
@@ -194,13 +194,19 @@ def test_regions_stage_features_and_tags(prefect_stack, real, data_dir, tmp_path
         arr = getattr(skdata, name)() if name != "motorcycle_left" else skdata.stereo_motorcycle()[0]
         Image.fromarray(arr).save(photos / f"{name}.png")
     root = _corpus_dir(real, tmp_path, 6)
+    (tmp_path / "captions.txt").write_text(
+        "A tabby cat is sleeping on the sofa.\nA cup of hot espresso coffee on a saucer.\n"
+        "A man rides a motor scooter down the street.\nThe stock market fell sharply on Monday.\n"
+    )
     cfg = {
         "sources": [
             {"name": "oca", "kind": "openclipart", "options": {"root": str(root / "oca")}},
             {"name": "photos", "kind": "image_dir", "options": {"root": str(tmp_path / "photos")}},
+            {"name": "captions", "kind": "lines", "options": {"paths": str(tmp_path / "captions.txt")}},
         ],
-        "stages": ["ingest", "regions"],
+        "stages": ["ingest", "regions", "embed", "index", "retrieve", "phrases", "links"],
         "regions": {"shard_size": 4},
+        "retrieve": {"top_k": 3},
     }
     path = tmp_path / "regions.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -227,5 +233,29 @@ def test_regions_stage_features_and_tags(prefect_stack, real, data_dir, tmp_path
 
     vocabulary = set(vision_models(RegionsConfig())[0].labels)
     assert {label for (label,) in detections} <= vocabulary
+    # retrieval: each photo's tag sentence finds its own description first
+    con = connect(data_dir.catalog)
+    top1 = dict(con.execute(
+        "select uri, text from retrieval_browser where source = 'photos' and rank = 1"
+    ).fetchall())  # fmt: skip
+    assert next(v for k, v in top1.items() if k.endswith("chelsea.png")).startswith("A tabby cat")
+    assert next(v for k, v in top1.items() if k.endswith("coffee.png")).startswith("A cup of hot espresso")
+    n_tagged = con.execute("select count(*) from image_tags where tag_sentence <> ''").fetchone()[0]
+    assert con.execute("select count(distinct image_id) from retrieved_pairs").fetchone()[0] == n_tagged
+    assert con.execute("select max(rank) from retrieved_pairs").fetchone()[0] == 3
+    # noun phrases carry exact spans; links join a tag to a phrase of a retrieved sentence
+    bad_spans = con.execute(
+        "select count(*) from noun_phrases p join texts t using (text_id) "
+        "where substr(t.text, p.start_char + 1, p.end_char - p.start_char) <> p.phrase"
+    ).fetchone()[0]
+    assert bad_spans == 0
+    cat_link = con.execute(
+        "select phrase, score, mask_prob from links_detail where uri like '%chelsea.png' "
+        "and sentence like 'A tabby cat%' order by score desc limit 1"
+    ).fetchone()
+    assert cat_link[0] == "A tabby cat" and abs(cat_link[2] - 0.15 * cat_link[1]) < 1e-6
+    assert con.execute("select sum(tagged) from tag_coverage").fetchone()[0] == n_tagged
+    con.close()
+
     again = build_corpus(config=str(path))
-    assert again["counts"]["regions"].get("shards", 0) == 0
+    assert all(again["counts"][s].get("shards", 0) == 0 for s in ("regions", "retrieve", "phrases", "links"))

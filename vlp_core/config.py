@@ -102,18 +102,38 @@ class RegionsConfig(_Strict):
     device: str | None = None
 
 
-STAGES = ("ingest", "regions", "embed", "index")
+class RetrieveConfig(_Strict):
+    """Top-K sentences per image by its tag sentence (µ-VLA: K = 5; their code stored 10)."""
+
+    top_k: int = 5
+    shard_size: int = Field(1024, description="images per shard")
+
+
+class LinkConfig(_Strict):
+    """Noun phrases of retrieved sentences and tag-phrase links (µ-VLA R-P)."""
+
+    similarity: Literal["sbert", "spacy_vectors"] = Field(
+        "sbert", description="sbert: Sentence-BERT cosine (the µ-VLA code); spacy_vectors: word vectors"
+    )
+    min_score: float = 0.0
+    mask_base: float = Field(0.15, description="mask probability = mask_base x similarity (µ-VLA code)")
+    shard_size: int = Field(1024, description="sentences (phrases) or images (links) per shard")
+
+
+STAGES = ("ingest", "regions", "embed", "index", "retrieve", "phrases", "links")
 
 
 class CorpusConfig(_Strict):
     sources: list[SourceSpec]
-    stages: list[Literal["ingest", "regions", "embed", "index"]] = Field(
+    stages: list[Literal["ingest", "regions", "embed", "index", "retrieve", "phrases", "links"]] = Field(
         default_factory=lambda: ["ingest"], description="stages to run, in pipeline order"
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     regions: RegionsConfig = Field(default_factory=RegionsConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     limit_per_source: int | None = Field(
         None, description="process only the first N units of each source (quick runs, smoke tests)"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from vlp_core.ingest import ShardRows
 
 _ENCODERS: dict[tuple, object] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: similarity() builds its encoder under it
 
 
 def sentence_encoder(model_path: str | None, device: str | None, batch_size: int):
@@ -121,4 +121,105 @@ def region_rows(image_ids: list[str], jpegs: list[bytes], detector, extractor, c
         rows.stats["images"] += 1
         rows.stats["regions"] += len(dets)
         rows.stats["tagged"] += bool(names)
+    return rows
+
+
+# ------------------------------------------------------------------------------- retrieve, phrases, links
+
+
+def retrieve_rows(encoder, index, index_ids: np.ndarray, image_ids: list[str], queries: list[str],
+                  top_k: int) -> ShardRows:  # fmt: skip
+    """Rows of ``retrieved_pairs``: the ``top_k`` sentences per image for its tag sentence.
+
+    Images without tags have no query; they are counted as ``untagged`` (not a bad input, so no reject).
+    """
+    from stores.faiss_store import search
+
+    rows = ShardRows(tables={"retrieved_pairs": []})
+    keep = [i for i, q in enumerate(queries) if q]
+    rows.stats["untagged"] += len(queries) - len(keep)
+    if not keep:
+        return rows
+    hits, scores = search(index, index_ids, encoder.encode([queries[i] for i in keep]), top_k)
+    for row, i in enumerate(keep):
+        for rank in range(hits.shape[1]):
+            if hits[row, rank] is None:
+                continue
+            rows.tables["retrieved_pairs"].append({
+                "image_id": image_ids[i], "rank": rank + 1, "text_id": hits[row, rank],
+                "score": float(scores[row, rank]),
+            })  # fmt: skip
+        rows.stats["queries"] += 1
+    rows.stats["pairs"] = len(rows.tables["retrieved_pairs"])
+    return rows
+
+
+_NLP: dict[str, object] = {}
+
+
+def phrase_extractor():
+    from vlp_core.language import NounPhraseExtractor
+
+    with _LOCK:
+        if "np" not in _NLP:
+            _NLP["np"] = NounPhraseExtractor()
+        return _NLP["np"]
+
+
+def phrase_rows(extractor, text_ids: list[str], texts: list[str]) -> ShardRows:
+    """Rows of ``noun_phrases``: spaCy noun chunks with character spans into the sentence."""
+    rows = ShardRows(tables={"noun_phrases": []})
+    for tid, phrases in zip(text_ids, extractor.extract(texts), strict=True):
+        for i, p in enumerate(phrases):
+            rows.tables["noun_phrases"].append({
+                "text_id": tid, "phrase_idx": i, "phrase": p.text, "start_char": p.start_char,
+                "end_char": p.end_char, "root_lemma": p.root_lemma,
+            })  # fmt: skip
+        rows.stats["sentences"] += 1
+        rows.stats["phrases"] += len(phrases)
+    return rows
+
+
+def similarity(kind: str):
+    """The tag-phrase similarity of a LinkConfig, one per process."""
+    from vlp_core.language import SbertSimilarity, SpacyVectorSimilarity
+
+    with _LOCK:
+        if kind not in _NLP:
+            if kind == "sbert":
+                _NLP[kind] = SbertSimilarity(sentence_encoder(None, None, 128))
+            else:
+                _NLP[kind] = SpacyVectorSimilarity()
+        return _NLP[kind]
+
+
+def link_rows(sim, images: list[dict], min_score: float, mask_base: float) -> ShardRows:
+    """Rows of ``phrase_links`` for a shard of images.
+
+    Each ``images`` item: ``image_id``, ``tags`` [(tag, region_idx)], ``texts`` [(text_id, [(phrase_idx,
+    phrase)])]. Every tag is linked to its most similar noun phrase in each retrieved sentence (µ-VLA code:
+    tag → best phrase; detector tags carry their best-scoring region, image-level tags region 0).
+    """
+    from vlp_core.language import link_tags_to_phrases, mask_probability
+
+    rows = ShardRows(tables={"phrase_links": []})
+    for img in images:
+        tags = [t for t, _ in img["tags"]]
+        if not tags:
+            continue
+        for text_id, phrases in img["texts"]:
+            if not phrases:
+                continue
+            links = link_tags_to_phrases(tags, [p for _, p in phrases], sim, min_score=min_score)
+            for (tag, region_idx), link in zip(img["tags"], links, strict=True):
+                if link is None:
+                    continue
+                idx, phrase = phrases[link.phrase_index]
+                rows.tables["phrase_links"].append({
+                    "image_id": img["image_id"], "text_id": text_id, "region_idx": region_idx, "tag": tag,
+                    "phrase_idx": idx, "phrase": phrase, "score": float(link.score),
+                    "mask_prob": float(mask_probability(link.score, mask_base)),
+                })  # fmt: skip
+        rows.stats["images"] += 1
+    rows.stats["links"] = len(rows.tables["phrase_links"])
     return rows
