@@ -474,7 +474,28 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
         for r in rejects
     ]
     create_markdown_artifact(key="corpus-rejects", markdown="\n".join(lines) if rejects else "No rejects.")
-    return {"summary": summary, "rejects": rejects}
+    out: dict[str, Any] = {"summary": summary, "rejects": rejects}
+    if (layout.store / "_manifests" / RETRIEVE).exists():
+        from flows.report import quality_metrics, write_html
+
+        metrics = quality_metrics(layout)
+        q = metrics["quality"]
+        create_table_artifact(key="corpus-quality", table=[q], description="retrieved vs random pairs")
+        create_table_artifact(key="corpus-tag-coverage", table=metrics["tag_coverage"])
+        page = write_html(layout, layout.root / "reports" / "corpus.html", metrics)
+        create_markdown_artifact(
+            key="corpus-quality-report",
+            markdown=(
+                f"# Corpus quality\n\n{q['images_evaluated']} images with known captions; K = {q['k']}.\n\n"
+                "| metric | retrieved | random |\n|---|---|---|\n"
+                f"| alignment@1 | {q['alignment_at_1']} | {q['random_alignment_at_1']:.4f} |\n"
+                f"| alignment@K | {q['alignment_at_k']} | {q['random_alignment_at_k']:.4f} |\n"
+                f"| category@K | {q['category_at_k']} | {q['random_category_at_k']:.4f} |\n\n"
+                f"Link rate {q['link_rate']}; HTML report with a retrieval gallery: `{page}`"
+            ),
+        )
+        out["quality"] = q
+    return out
 
 
 @flow(name="build-corpus", log_prints=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -116,6 +117,34 @@ def status() -> None:
         return
     console.print(f"server {s.api_url}: {'healthy' if healthy(s.api_url) else 'DOWN'} (pid {s.server_pid})")
     console.print(f"worker on {s.pool}: {'running' if _alive(s.worker_pid) else 'not running'}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path | None, typer.Option(help="HTML file (default <data>/reports/corpus.html)")] = None,
+    examples: Annotated[int, typer.Option(help="images in the retrieval gallery")] = 30,
+) -> None:
+    """Corpus quality vs random pairs (alignment@1/@K, category@K, tag coverage, link rate) + HTML gallery."""
+    from flows.report import quality_metrics, write_html
+    from stores.catalog import build_catalog
+
+    layout = DataLayout.default()
+    build_catalog(layout.catalog, layout.store)
+    metrics = quality_metrics(layout)
+    q = metrics["quality"]
+    if not q["images_evaluated"]:
+        raise UserError("no retrieved pairs with known captions yet: run the retrieve stage first")
+    _print_rows(
+        [
+            {"metric": m, "retrieved": q[m], "random pairs": q[f"random_{m}"]}
+            for m in ("alignment_at_1", "alignment_at_k", "category_at_k", "category_precision_at_k")
+        ],
+        f"K = {q['k']}",
+    )
+    _print_rows(metrics["tag_coverage"], "tag coverage")
+    console.print(f"link rate {q['link_rate']:.3f}; rejects {q['rejects']}")
+    page = write_html(layout, out or layout.root / "reports" / "corpus.html", metrics, n_examples=examples)
+    console.print(f"wrote {page}")
 
 
 @app.command()

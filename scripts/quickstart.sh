@@ -7,9 +7,11 @@ VENV=${VLP_VENV:-.venv}
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 "$VENV/bin/vlp" serve
-"$VENV/bin/prefect" deployment run build-corpus/default --watch
+"$VENV/bin/prefect" deployment run build-corpus/quickstart --watch
 "$VENV/bin/vlp" sql "select * from ingest_summary"
 "$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason"
+"$VENV/bin/vlp" sql "select * from tag_coverage"
+"$VENV/bin/vlp" sql "select image_id, category, tag_sentence, rank, round(score, 3) score, text from retrieval_browser where source = 'openclipart' order by image_id, rank" --limit 15
 cat <<MSG
 
 Done. The Prefect UI is at http://127.0.0.1:4200 (server and worker keep running; stop them: .venv/bin/vlp stop).

@@ -257,5 +257,9 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     assert con.execute("select sum(tagged) from tag_coverage").fetchone()[0] == n_tagged
     con.close()
 
+    q = first["quality"]  # published with the run; the clip-art images' own captions are known pairs
+    assert q["images_evaluated"] >= 1 and 0 <= q["random_alignment_at_k"] <= 1
+    assert (data_dir.root / "reports" / "corpus.html").read_text().count("class=card") >= 3
+
     again = build_corpus(config=str(path))
     assert all(again["counts"][s].get("shards", 0) == 0 for s in ("regions", "retrieve", "phrases", "links"))
