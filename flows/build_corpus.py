@@ -180,6 +180,15 @@ def _ingest(cfg: CorpusConfig, store_root: str) -> Counter:
 
 # ------------------------------------------------------------------------------------------------ regions
 
+
+def _query(catalog: str, sql: str) -> list[tuple]:
+    con = connect(catalog)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
 REGIONS = "regions"
 REGIONS_CODE = code_version(vlp_core.corpus, *VISION_MODULES)
 
@@ -198,18 +207,14 @@ SHARD_ROWS[REGIONS] = _region_rows
 
 
 @task(name="plan-regions", cache_policy=NO_CACHE)
-def plan_regions(cfg: CorpusConfig, catalog: str, store_root: str) -> list[ShardJob]:
+def plan_regions(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
     """Every distinct image without regions under the current settings → shards of ``regions.shard_size``."""
-    con = connect(catalog)
-    try:
-        rows = con.execute("SELECT image_id, filename FROM images ORDER BY filename, image_id").fetchall()
-    finally:
-        con.close()
+    rows = _query(str(layout.catalog), "SELECT image_id, filename FROM images ORDER BY filename, image_id")
     file_of = dict(rows)
     signature = stable_hash(REGIONS, cfg.regions.model_dump(exclude={"shard_size", "batch_size", "device"}),
                             REGIONS_CODE)  # fmt: skip
     units = [(iid, iid) for iid, _ in rows]
-    jobs = plan_jobs(ShardStore(store_root), REGIONS, CORPUS, units, signature, cfg.regions.shard_size)
+    jobs = plan_jobs(ShardStore(layout.store), REGIONS, CORPUS, units, signature, cfg.regions.shard_size)
     for job in jobs:
         files: dict[str, list[str]] = {}
         for k, _ in job.units:
@@ -220,8 +225,7 @@ def plan_regions(cfg: CorpusConfig, catalog: str, store_root: str) -> list[Shard
 
 @flow(name="regions")
 def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    jobs = plan_regions.submit(cfg, str(layout.catalog), str(layout.store)).result()
-    return dict(map_shards(REGIONS, jobs, cfg, str(layout.store)))
+    return dict(map_shards(REGIONS, plan_regions.submit(cfg, layout).result(), cfg, str(layout.store)))
 
 
 # ------------------------------------------------------------------------------------------ embed, index
@@ -239,17 +243,13 @@ SHARD_ROWS[EMBED] = _embed_rows
 
 
 @task(name="plan-embed", cache_policy=NO_CACHE)
-def plan_embed(cfg: CorpusConfig, catalog: str, store_root: str) -> list[ShardJob]:
+def plan_embed(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
     """Every distinct sentence not yet embedded under the current model → shards of ``embed.shard_size``."""
-    con = connect(catalog)
-    try:
-        rows = con.execute("SELECT text_id, text FROM texts ORDER BY text_id").fetchall()
-    finally:
-        con.close()
+    rows = _query(str(layout.catalog), "SELECT text_id, text FROM texts ORDER BY text_id")
     text_of = dict(rows)
     signature = stable_hash(EMBED, cfg.embed.model_path, EMBED_CODE)
     units = [(tid, tid) for tid, _ in rows]  # content-hashed ids: the id is its own fingerprint
-    jobs = plan_jobs(ShardStore(store_root), EMBED, CORPUS, units, signature, cfg.embed.shard_size)
+    jobs = plan_jobs(ShardStore(layout.store), EMBED, CORPUS, units, signature, cfg.embed.shard_size)
     for job in jobs:
         job.payload["texts"] = [text_of[k] for k, _ in job.units]
     return jobs
@@ -348,14 +348,6 @@ def _link_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
 SHARD_ROWS.update({RETRIEVE: _retrieve_rows, PHRASES: _phrase_rows, LINKS: _link_rows})
 
 
-def _query(catalog: str, sql: str) -> list[tuple]:
-    con = connect(catalog)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 @task(name="plan-retrieve", cache_policy=NO_CACHE)
 def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
     """Every image's tag sentence against the current index. A new index (new sentences) re-keys every
@@ -440,13 +432,23 @@ def links_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 
 @flow(name="embed")
 def embed_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    jobs = plan_embed.submit(cfg, str(layout.catalog), str(layout.store)).result()
-    return dict(map_shards(EMBED, jobs, cfg, str(layout.store)))
+    return dict(map_shards(EMBED, plan_embed.submit(cfg, layout).result(), cfg, str(layout.store)))
 
 
 @flow(name="ingest")
-def ingest_flow(cfg: CorpusConfig, store_root: str) -> dict[str, int]:
-    return dict(_ingest(cfg, store_root))
+def ingest_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    return dict(_ingest(cfg, str(layout.store)))
+
+
+# sharded stages, each a subflow so it can run on its own task runner
+STAGE_FLOWS = {
+    INGEST: ingest_flow,
+    REGIONS: regions_flow,
+    EMBED: embed_flow,
+    RETRIEVE: retrieve_flow,
+    PHRASES: phrases_flow,
+    LINKS: links_flow,
+}
 
 
 def _publish(layout: DataLayout) -> dict[str, Any]:
@@ -522,18 +524,11 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     build_catalog(layout.catalog, layout.store)
     for stage in cfg.stages:
         ts = time.time()
-        runner = make_task_runner(cfg.runner)
-        if stage == INGEST:
-            counts[stage] = ingest_flow.with_options(task_runner=runner)(cfg, str(layout.store))
-        elif stage == REGIONS:
-            counts[stage] = regions_flow.with_options(task_runner=runner)(cfg, layout)
-        elif stage == EMBED:
-            counts[stage] = embed_flow.with_options(task_runner=runner)(cfg, layout)
-        elif stage == INDEX:
+        if stage == INDEX:  # one task, not sharded
             counts[stage] = build_sentence_index(cfg, layout)
         else:
-            stage_flow = {RETRIEVE: retrieve_flow, PHRASES: phrases_flow, LINKS: links_flow}[stage]
-            counts[stage] = stage_flow.with_options(task_runner=runner)(cfg, layout)
+            runner = make_task_runner(cfg.runner)
+            counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
         stage_seconds[stage] = round(time.time() - ts, 1)
         log.info("stage %s done in %.1fs", stage, stage_seconds[stage])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, all task threads
