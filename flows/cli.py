@@ -211,6 +211,8 @@ def _print_rows(rows: list[dict], title: str | None) -> None:
 def _fmt(v: Any) -> str:
     if isinstance(v, bytes | bytearray):
         return f"<{len(v)} bytes>"
+    if isinstance(v, float):
+        return f"{v:.4g}"
     s = str(v)
     return s if len(s) <= 80 else s[:77] + "..."
 

@@ -263,3 +263,16 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
 
     again = build_corpus(config=str(path))
     assert all(again["counts"][s].get("shards", 0) == 0 for s in ("regions", "retrieve", "phrases", "links"))
+
+
+def test_dask_task_runner_on_a_local_cluster(prefect_stack, real, data_dir, tmp_path):
+    """The scale-out runner: the same ingest on a Dask LocalCluster (2 worker processes, loopback only)."""
+    from flows.build_corpus import build_corpus
+
+    root = _corpus_dir(real, tmp_path, 20)
+    cfg = _config(root, runner={"kind": "dask", "max_workers": 2})
+    result = build_corpus(config=str(cfg))
+    assert result["counts"]["ingest"]["images"] == 20 and result["counts"]["ingest"]["shards"] == 4
+    con = connect(data_dir.catalog)
+    assert con.execute("select count(*) from images_raw").fetchone()[0] == 20
+    con.close()
