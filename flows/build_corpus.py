@@ -440,6 +440,50 @@ def ingest_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
     return dict(_ingest(cfg, str(layout.store)))
 
 
+# ------------------------------------------------------------------------------------------------ gallery
+
+GALLERY = "gallery"
+
+
+def _gallery_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    g = cfg.gallery
+    cat = job.payload["catalog"]
+    con = connect(cat)
+    try:
+        rel = con.execute(
+            "WITH best AS (SELECT label AS concept, image_id, region_idx, score, box, box5, feature "
+            "  FROM regions WHERE region_idx > 0 AND score >= ? "
+            "  QUALIFY row_number() OVER (PARTITION BY label, image_id ORDER BY score DESC, region_idx) = 1) "
+            "SELECT * FROM best "
+            "QUALIFY row_number() OVER (PARTITION BY concept ORDER BY score DESC, image_id) <= ? "
+            "ORDER BY concept, score DESC, image_id",
+            [g.min_score, g.max_per_concept],
+        )
+        cols = [d[0] for d in rel.description]
+        candidates = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
+        ids = sorted({c["image_id"] for c in candidates})
+        jpeg_of = dict(con.execute("SELECT image_id, image FROM images WHERE list_contains(?, image_id)",
+                                   [ids]).fetchall())  # fmt: skip
+    finally:
+        con.close()
+    detector, _ = vlp_core.corpus.vision_models(cfg.regions)
+    return vlp_core.corpus.gallery_rows(candidates, jpeg_of, detector.labels, g.thumb_side)
+
+
+SHARD_ROWS[GALLERY] = _gallery_rows
+
+
+@flow(name="gallery")
+def gallery_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    """One shard over the whole region set, rebuilt when the regions or the gallery settings change."""
+    regions = sorted(ShardStore(layout.store).manifests(REGIONS, CORPUS))
+    signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE)
+    unit = [("regions", stable_hash(regions))]
+    jobs = plan_jobs(ShardStore(layout.store), GALLERY, CORPUS, unit, signature, 1,
+                     {"catalog": str(layout.catalog)})  # fmt: skip
+    return dict(map_shards(GALLERY, jobs, cfg, str(layout.store)))
+
+
 # sharded stages, each a subflow so it can run on its own task runner
 STAGE_FLOWS = {
     INGEST: ingest_flow,
@@ -448,6 +492,7 @@ STAGE_FLOWS = {
     RETRIEVE: retrieve_flow,
     PHRASES: phrases_flow,
     LINKS: links_flow,
+    GALLERY: gallery_flow,
 }
 
 

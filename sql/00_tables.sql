@@ -29,3 +29,9 @@ SELECT * FROM read_parquet('${STORE}/noun_phrases/**/*.parquet');
 
 CREATE OR REPLACE VIEW phrase_links AS
 SELECT * FROM read_parquet('${STORE}/phrase_links/**/*.parquet');
+
+CREATE OR REPLACE VIEW patch_gallery AS
+SELECT * FROM read_parquet('${STORE}/patch_gallery/**/*.parquet');
+
+CREATE OR REPLACE VIEW concepts AS
+SELECT * FROM read_parquet('${STORE}/concepts/**/*.parquet');

@@ -22,3 +22,10 @@ SELECT i.source, count(*) AS images, count(*) FILTER (WHERE len(g.tags) > 0) AS 
        count(*) FILTER (WHERE list_contains(g.tag_origins, 'detector')) AS with_detections
 FROM images i JOIN image_tags g USING (image_id)
 GROUP BY ALL ORDER BY i.source;
+
+-- VLMixer patch gallery: concepts × gallery sizes (thumbnails in patch_gallery.thumbnail).
+CREATE OR REPLACE VIEW gallery_summary AS
+SELECT c.concept, c.n_patches, count(DISTINCT g.image_id) AS images, round(avg(g.score), 3) AS mean_score,
+       c.forms
+FROM concepts c LEFT JOIN patch_gallery g USING (concept)
+GROUP BY ALL ORDER BY c.n_patches DESC, c.concept;

@@ -143,6 +143,28 @@ PHRASE_LINKS = pa.schema(
     metadata={"doc": "best noun phrase per (image, retrieved sentence, tagged region)"},
 )
 
+PATCH_GALLERY = pa.schema(
+    [
+        pa.field("concept", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("region_idx", pa.int16(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("box5", vector(5, pa.float32()), nullable=False),
+        pa.field("feature", pa.list_(pa.float16()), nullable=False),
+        pa.field("thumbnail", pa.binary(), nullable=False),  # JPEG crop, longer side <= thumb_side
+    ],
+    metadata={"doc": "VLMixer CutMix patch gallery: capped, diverse region patches per detector concept"},
+)
+
+CONCEPTS = pa.schema(
+    [
+        pa.field("concept", pa.string(), nullable=False),
+        pa.field("forms", pa.list_(pa.string()), nullable=False),  # surface forms matched in sentences
+        pa.field("n_patches", pa.int32(), nullable=False),
+    ],
+    metadata={"doc": "concept vocabulary for grounded-word matching, with gallery sizes"},
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "texts": TEXTS,
@@ -154,6 +176,8 @@ TABLES: dict[str, pa.Schema] = {
     "retrieved_pairs": RETRIEVED_PAIRS,
     "noun_phrases": NOUN_PHRASES,
     "phrase_links": PHRASE_LINKS,
+    "patch_gallery": PATCH_GALLERY,
+    "concepts": CONCEPTS,
 }
 
 

@@ -3,6 +3,7 @@ SIGKILL midway that resumes to the same tables as an uninterrupted run."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -204,8 +205,9 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
             {"name": "photos", "kind": "image_dir", "options": {"root": str(tmp_path / "photos")}},
             {"name": "captions", "kind": "lines", "options": {"paths": str(tmp_path / "captions.txt")}},
         ],
-        "stages": ["ingest", "regions", "embed", "index", "retrieve", "phrases", "links"],
+        "stages": ["ingest", "regions", "embed", "index", "retrieve", "phrases", "links", "gallery"],
         "regions": {"shard_size": 4},
+        "gallery": {"min_score": 0.0},
         "retrieve": {"top_k": 3},
     }
     path = tmp_path / "regions.yaml"
@@ -256,6 +258,20 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     assert cat_link[0] == "A tabby cat" and abs(cat_link[2] - 0.15 * cat_link[1]) < 1e-6
     assert con.execute("select sum(tagged) from tag_coverage").fetchone()[0] == n_tagged
     con.close()
+
+    # the patch gallery: every detection above the threshold, one per (concept, image), with a crop
+    con = connect(data_dir.catalog)
+    n_candidates = con.execute(
+        "select count(*) from (select distinct label, image_id from regions where region_idx > 0)"
+    ).fetchone()[0]
+    assert (
+        n_candidates >= 1 and con.execute("select count(*) from patch_gallery").fetchone()[0] == n_candidates
+    )
+    summary = dict(con.execute("select concept, forms from gallery_summary").fetchall())
+    assert len(summary) == 80 and "traffic lights" in summary["traffic light"]
+    thumbs = con.execute("select thumbnail from patch_gallery").fetchall()
+    con.close()
+    assert all(Image.open(io.BytesIO(t)).size[0] <= 64 for (t,) in thumbs)
 
     q = first["quality"]  # published with the run; the clip-art images' own captions are known pairs
     assert q["images_evaluated"] >= 1 and 0 <= q["random_alignment_at_k"] <= 1

@@ -120,12 +120,21 @@ class LinkConfig(_Strict):
     shard_size: int = Field(1024, description="sentences (phrases) or images (links) per shard")
 
 
-STAGES = ("ingest", "regions", "embed", "index", "retrieve", "phrases", "links")
+class GalleryConfig(_Strict):
+    """VLMixer patch gallery: per detector concept, the best region of each image, capped."""
+
+    min_score: float = Field(0.3, description="detection confidence needed to enter the gallery")
+    max_per_concept: int = Field(64, description="cap per concept (one patch per image keeps it diverse)")
+    thumb_side: int = 64
+
+
+StageName = Literal["ingest", "regions", "embed", "index", "retrieve", "phrases", "links", "gallery"]
+STAGES: tuple[str, ...] = StageName.__args__  # pipeline order
 
 
 class CorpusConfig(_Strict):
     sources: list[SourceSpec]
-    stages: list[Literal["ingest", "regions", "embed", "index", "retrieve", "phrases", "links"]] = Field(
+    stages: list[StageName] = Field(
         default_factory=lambda: ["ingest"], description="stages to run, in pipeline order"
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -134,6 +143,7 @@ class CorpusConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     limit_per_source: int | None = Field(
         None, description="process only the first N units of each source (quick runs, smoke tests)"

@@ -223,3 +223,47 @@ def link_rows(sim, images: list[dict], min_score: float, mask_base: float) -> Sh
         rows.stats["images"] += 1
     rows.stats["links"] = len(rows.tables["phrase_links"])
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ gallery
+
+
+def gallery_rows(candidates: list[dict], jpeg_of: dict[str, bytes], labels: list[str], thumb_side: int,
+                 nlp=None) -> ShardRows:  # fmt: skip
+    """Rows of ``patch_gallery`` (one crop per candidate region) and ``concepts`` (every detector label with
+    the surface forms the grounded-word matcher uses, and its gallery size).
+
+    ``candidates``: dicts with concept, image_id, region_idx, score, box (px of the stored image), box5,
+    feature — already capped and de-duplicated per (concept, image) by the caller's query.
+    """
+    import io
+    from collections import Counter
+
+    from vlp_core.images import load_rgb
+    from vlp_core.language import ConceptVocabulary
+
+    rows = ShardRows(tables={"patch_gallery": [], "concepts": []})
+    images: dict[str, object] = {}
+    for c in candidates:
+        if c["image_id"] not in images:
+            images[c["image_id"]] = load_rgb(jpeg_of[c["image_id"]])
+        im = images[c["image_id"]]
+        x1, y1, x2, y2 = (round(v) for v in c["box"])
+        crop = im.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+        crop.thumbnail((thumb_side, thumb_side))
+        buf = io.BytesIO()
+        crop.save(buf, format="JPEG", quality=85)
+        keep = {k: c[k] for k in ("concept", "image_id", "region_idx", "score", "box5", "feature")}
+        rows.tables["patch_gallery"].append({**keep, "thumbnail": buf.getvalue()})
+    sizes = Counter(c["concept"] for c in candidates)
+    vocab = ConceptVocabulary(labels, nlp=nlp)
+    forms: dict[str, list[str]] = {}
+    for pattern, concept in vocab.patterns.items():
+        forms.setdefault(concept, []).append(" ".join(pattern))
+    for label in labels:
+        rows.tables["concepts"].append(
+            {"concept": label, "forms": forms.get(label, []), "n_patches": sizes[label]}
+        )
+    rows.stats["patches"] = len(candidates)
+    rows.stats["concepts_with_patches"] = len(sizes)
+    return rows
