@@ -29,6 +29,7 @@ import vlp_core.corpus
 import vlp_core.images
 import vlp_core.ingest
 import vlp_core.language.embed
+import vlp_core.language.grounding
 import vlp_core.language.linking
 import vlp_core.language.phrases
 import vlp_core.sources
@@ -190,7 +191,7 @@ def _query(catalog: str, sql: str) -> list[tuple]:
 
 
 REGIONS = "regions"
-REGIONS_CODE = code_version(vlp_core.corpus, *VISION_MODULES)
+REGIONS_CODE = code_version(vlp_core.corpus.region_rows, vlp_core.corpus.vision_models, *VISION_MODULES)
 
 
 def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -231,7 +232,7 @@ def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ embed, index
 
 EMBED, INDEX = "embed", "index"
-EMBED_CODE = code_version(vlp_core.corpus, vlp_core.language.embed)
+EMBED_CODE = code_version(vlp_core.corpus.embed_rows, vlp_core.language.embed)
 
 
 def _embed_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -311,7 +312,13 @@ def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any
 # --------------------------------------------------------------------------- retrieve, phrases, links
 
 RETRIEVE, PHRASES, LINKS = "retrieve", "phrases", "links"
-LANGUAGE_CODE = code_version(vlp_core.corpus, vlp_core.language.phrases, vlp_core.language.linking)
+LANGUAGE_CODE = code_version(
+    vlp_core.corpus.phrase_rows,
+    vlp_core.corpus.link_rows,
+    vlp_core.language.phrases,
+    vlp_core.language.linking,
+)
+RETRIEVE_CODE = code_version(vlp_core.corpus.retrieve_rows)
 _INDEX_CACHE: dict[str, tuple] = {}
 
 
@@ -355,7 +362,8 @@ def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
     meta = FaissStore(layout.indexes).load_meta("sentences")
     rows = _query(str(layout.catalog), "SELECT image_id, tag_sentence FROM image_tags ORDER BY image_id")
     query_of = dict(rows)
-    signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path, EMBED_CODE)
+    signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path, EMBED_CODE,
+                            RETRIEVE_CODE)  # fmt: skip
     units = [(iid, stable_hash(q, n=8)) for iid, q in rows]
     payload = {"indexes": str(layout.indexes), "index_signature": meta.signature}
     jobs = plan_jobs(ShardStore(layout.store), RETRIEVE, CORPUS, units, signature, cfg.retrieve.shard_size,
@@ -443,6 +451,7 @@ def ingest_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ gallery
 
 GALLERY = "gallery"
+GALLERY_CODE = code_version(vlp_core.corpus.gallery_rows, vlp_core.language.grounding)
 
 
 def _gallery_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -477,7 +486,7 @@ SHARD_ROWS[GALLERY] = _gallery_rows
 def gallery_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
     """One shard over the whole region set, rebuilt when the regions or the gallery settings change."""
     regions = sorted(ShardStore(layout.store).manifests(REGIONS, CORPUS))
-    signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE)
+    signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE, GALLERY_CODE)
     unit = [("regions", stable_hash(regions))]
     jobs = plan_jobs(ShardStore(layout.store), GALLERY, CORPUS, unit, signature, 1,
                      {"catalog": str(layout.catalog)})  # fmt: skip

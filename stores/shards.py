@@ -17,6 +17,7 @@ A shard's key is a hash of its units (id + fingerprint), the stage parameters an
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -38,11 +39,12 @@ def stable_hash(*parts: Any, n: int = 16) -> str:
     return h.hexdigest()
 
 
-def code_version(*modules: Any) -> str:
-    """Hash of the source files of ``modules``: any code change re-keys the shards it produced."""
+def code_version(*parts: Any) -> str:
+    """Hash of the source of ``parts`` (modules, or single functions where a module holds several stages):
+    a change to that code re-keys the shards it produced, and only those."""
     h = hashlib.blake2b(digest_size=8)
-    for m in modules:
-        h.update(Path(m.__file__).read_bytes())
+    for p in parts:
+        h.update(Path(p.__file__).read_bytes() if inspect.ismodule(p) else inspect.getsource(p).encode())
     return h.hexdigest()
 
 
