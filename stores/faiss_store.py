@@ -53,7 +53,7 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 * 2**30, exact
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.array(x, dtype=np.float32, order="C", copy=True)  # never normalise the caller's array in place
     faiss.normalize_L2(x)
     return x
 
@@ -166,8 +166,8 @@ class FaissStore:
         p = self.path(name)
         meta = self.load_meta(name)
         index = faiss.read_index(str(p / "index.faiss"))
-        if hasattr(index, "nprobe"):
-            index.nprobe = meta.nprobe
+        if "IVF" in meta.factory:  # reaches the IVF inside OPQ/PQ wrappers too (plain setattr does not)
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", meta.nprobe)
         ids = pq.read_table(p / "ids.parquet").column("id").to_numpy(zero_copy_only=False)
         return index, ids, meta
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import faiss
 import numpy as np
 import pytest
 
@@ -96,8 +97,11 @@ def test_faiss_store_roundtrip_and_recall(tmp_path):
     assert meta.factory.startswith("IVF") and meta.count == 20_000
     index, got_ids, meta2 = fs.load("sent")
     assert meta2 == meta and list(got_ids[:3]) == ["id0", "id1", "id2"]
+    assert faiss.extract_index_ivf(index).nprobe == 32
     q = x[:50] + 0.01 * rng.standard_normal((50, 32)).astype("float32")
+    q_before = q.copy()
     hits, scores = search(index, got_ids, q, k=5)
+    assert np.array_equal(q, q_before)  # the caller's queries are not normalised in place
     assert (hits[:, 0] == ids[:50]).mean() >= 0.9  # IVF finds the near-duplicate query
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     fs.build_and_save("sent", x[:100], ids[:100], factory="Flat")  # replace atomically
