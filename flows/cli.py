@@ -196,6 +196,36 @@ def sql(
             console.print(f"... {len(rows) - limit} more rows (--limit)")
 
 
+@app.command()
+def runs(
+    metrics: Annotated[
+        str, typer.Option(help="comma-separated eval metrics to show")
+    ] = "itc_i2t_r1,itc_t2i_r1,itc_mean_r,itm_mean_r,vqa_accuracy",
+) -> None:
+    """Training runs under <data>/runs/train: task, steps, last loss and evaluation."""
+    from vlp_core.train.metrics import read_metrics
+
+    root = DataLayout.default().runs / "train"
+    rows = []
+    for run in sorted(p for p in root.glob("*") if (p / "config.yaml").exists()):
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+        last = (read_metrics(run / "metrics.jsonl") or [{}])[-1]
+        row = {
+            "run": run.name,
+            "task": cfg.get("task"),
+            "pairs": (cfg.get("data") or {}).get("pairs", {}).get("mode", "")
+            if cfg.get("task") != "vqa"
+            else "easy-vqa",
+            "steps": info.get("step", last.get("step")),
+            "loss": last.get("loss"),
+        }
+        row.update({m: ev.get(m) for m in metrics.split(",") if m})
+        rows.append(row)
+    _print_rows(rows, f"training runs in {root}")
+
+
 def _print_rows(rows: list[dict], title: str | None) -> None:
     if not rows:
         console.print(f"{title or 'result'}: no rows")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled real data: start the local Prefect server + worker (registering the
-# deployments of prefect.yaml), run the corpus build through them, and print what was built.
+# deployments of prefect.yaml), build the corpus through them, pre-train ALBEF (tiny, CPU) on its retrieved
+# pairs with zero-shot retrieval on the held-out clip art, fine-tune on easy-VQA, and print the numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLP_VENV:-.venv}
@@ -12,9 +13,13 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 "$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason"
 "$VENV/bin/vlp" sql "select * from tag_coverage"
 "$VENV/bin/vlp" sql "select image_id, category, tag_sentence, rank, round(score, 3) score, text from retrieval_browser where source = 'openclipart' order by image_id, rank" --limit 15
+"$VENV/bin/prefect" deployment run pretrain/albef --watch
+"$VENV/bin/prefect" deployment run finetune/vqa --watch
+"$VENV/bin/vlp" runs
 cat <<MSG
 
 Done. The Prefect UI is at http://127.0.0.1:4200 (server and worker keep running; stop them: .venv/bin/vlp stop).
+Training runs (checkpoints, metrics.jsonl, TensorBoard): data/runs/train/
 Inspect the corpus:  .venv/bin/vlp sql "select category, count(*) from images group by 1"
                or:  .venv/bin/duckdb -readonly data/catalog.duckdb
 MSG

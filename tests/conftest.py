@@ -93,3 +93,44 @@ def data_dir(tmp_path, monkeypatch) -> DataLayout:
     link_fetched(root)
     monkeypatch.setenv("VLP_DATA_DIR", str(root))
     return DataLayout(root)
+
+
+@pytest.fixture(scope="session")
+def train_corpus(prefect_stack, real) -> DataLayout:
+    """A small real corpus for training tests: ~130 clip-art images of three categories with their
+    captions, pooled with the news sentences, built through ingest → regions → embed → index → retrieve."""
+    import yaml
+
+    from flows.build_corpus import build_corpus
+
+    root = _SESSION_DIR / "train-data"
+    root.mkdir(exist_ok=True)
+    link_fetched(root)
+    oca = root / "oca"
+    for category in ("animals", "food", "transportation"):
+        pngs = sorted((real.openclipart / "png" / category).rglob("*.png"))[:45]
+        for p in pngs:
+            rel = p.relative_to(real.openclipart / "png")
+            for kind, path in (("png", p), ("svg", real.openclipart / "svg" / rel.with_suffix(".svg"))):
+                if path.exists():
+                    dest = oca / kind / rel.with_suffix(path.suffix)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.symlink_to(path)
+    cfg = {
+        "sources": [
+            {"name": "openclipart", "kind": "openclipart", "options": {"root": str(oca)}},
+            {"name": "news", "kind": "gensim_news"},
+        ],
+        "stages": ["ingest", "regions", "embed", "index", "retrieve"],
+        "ingest": {"image_shard_size": 50},
+        "regions": {"shard_size": 50},
+    }
+    path = root / "corpus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    previous = os.environ["VLP_DATA_DIR"]
+    os.environ["VLP_DATA_DIR"] = str(root)
+    try:
+        build_corpus(config=str(path))
+    finally:
+        os.environ["VLP_DATA_DIR"] = previous
+    return DataLayout(root)

@@ -1,0 +1,142 @@
+"""Prefect flows for training: ``pretrain`` (any method) and ``finetune`` (VQA, retrieval).
+
+The flows orchestrate; the work happens in ``python -m vlp_core.train`` (or ``torchrun`` with ``nproc > 1``)
+started as a child process, so a multi-process DDP run looks exactly like the direct ``torchrun`` launch a
+GPU cluster user would type. Output lines are streamed into the flow run's log; metrics and evaluation are
+published as artifacts; checkpoints and ``metrics.jsonl`` stay under ``<data>/runs/train/<run>/``.
+Re-running a deployment resumes the run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from vlp_core.paths import REPO_ROOT
+from vlp_core.train.config import TrainConfig, load_train_config
+from vlp_core.train.metrics import read_metrics
+
+__all__ = ["finetune", "launch_command", "pretrain"]
+
+
+def launch_command(config_path: Path, nproc: int) -> list[str]:
+    """The command line of one training run: plain Python for one process, torchrun (standalone) for more."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        return [sys.executable, "-m", "vlp_core.train", "--config", str(config_path)]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "vlp_core.train", "--config", str(config_path),
+    ]  # fmt: skip
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def run_training(config: TrainConfig, nproc: int) -> dict[str, Any]:
+    """Run (or resume) the training child process; stream its output; return its RESULT summary."""
+    logger = get_run_logger()
+    run_dir = config.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    requested = run_dir / "requested_config.yaml"
+    requested.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    cmd = launch_command(requested, nproc)
+    logger.info("launch: %s", " ".join(cmd))
+    env = {
+        **os.environ,
+        "TQDM_MININTERVAL": "20",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+    }
+    tail: deque[str] = deque(maxlen=40)
+    result: dict[str, Any] | None = None
+    with subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            for line in raw.replace("\r", "\n").splitlines():
+                line = line.rstrip()
+                if not line:
+                    continue
+                if line.startswith("RESULT "):
+                    result = json.loads(line[len("RESULT ") :])
+                    continue
+                tail.append(line)
+                logger.info(line)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
+    return result
+
+
+def _publish(kind: str, config: TrainConfig, result: dict[str, Any]) -> None:
+    run_dir = Path(result["run_dir"])
+    records = read_metrics(run_dir / "metrics.jsonl")
+    every = max(1, len(records) // 20)
+    rows = [r for i, r in enumerate(records) if i % every == 0 or i == len(records) - 1]
+    key = f"{kind}-{config.method}-{config.name}".lower().replace("_", "-")
+    if rows:
+        create_table_artifact(key=f"{key}-curve", table=rows, description=f"{kind} loss curve ({run_dir})")
+    ev = result.get("eval") or {}
+    lines = [
+        f"# {kind}: {config.method} ({config.task}, preset {config.preset})",
+        "",
+        f"run dir `{run_dir}`, steps {result['step']} (resumed from {result['resumed_from']})",
+        "",
+    ]
+    if ev:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(ev.items())]
+    create_markdown_artifact(key=f"{key}-eval", markdown="\n".join(lines), description=f"{kind} evaluation")
+
+
+@flow(name="pretrain")
+def pretrain(
+    method: str = "albef",
+    config: str = "albef_tiny",
+    overrides: dict[str, Any] | None = None,
+    nproc: int = 1,
+) -> dict[str, Any]:
+    """Pre-train ``method`` with the train preset ``config`` (+ dotted ``overrides``), then evaluate zero-shot
+    retrieval on the held-out clip art. ``nproc > 1`` runs torchrun DDP (gloo on CPU, NCCL on GPUs)."""
+    cfg = load_train_config(config, {**(overrides or {}), "method": method})
+    if cfg.task != "pretrain":
+        raise ValueError(f"config {config!r} is a {cfg.task!r} config; use the finetune flow")
+    result = run_training(cfg, nproc)
+    _publish("pretrain", cfg, result)
+    get_run_logger().info("pretrain done: %s", json.dumps(result.get("eval", {})))
+    return result
+
+
+@flow(name="finetune")
+def finetune(
+    task: str = "vqa",
+    config: str | None = None,
+    init_from: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    nproc: int = 1,
+) -> dict[str, Any]:
+    """Fine-tune for ``task`` (``vqa`` | ``retrieval``) from the pre-trained run ``init_from`` (a run or
+    checkpoint dir; default: the preset's ``init_from``), then evaluate (easy-VQA / VQA v2 accuracy, or
+    retrieval R@1/5/10 on the held-out clip art)."""
+    presets = {"vqa": "vqa_easy", "retrieval": "retrieval_clipart"}
+    if task not in presets:
+        raise ValueError(f"unknown fine-tuning task {task!r}; known: {sorted(presets)}")
+    extra = dict(overrides or {})
+    if init_from is not None:
+        extra["init_from"] = init_from
+    cfg = load_train_config(config or presets[task], extra)
+    if cfg.task != task:
+        raise ValueError(f"config {config!r} is a {cfg.task!r} config, not {task!r}")
+    result = run_training(cfg, nproc)
+    _publish("finetune", cfg, result)
+    get_run_logger().info("finetune %s done: %s", task, json.dumps(result.get("eval", {})))
+    return result
