@@ -91,6 +91,14 @@ def test_pretrain_then_finetune_deployments(prefect_stack, train_corpus):
     run = json.loads((root / "runs" / "train" / "retrieval-albef-clipart" / "run.json").read_text())
     assert run["origins"] == {"known": run["pairs"]} and run["init_from"].endswith("pretrain-albef-run")
 
+    listing = subprocess.run(
+        [str(Path(sys.executable).with_name("vlp")), "runs"], cwd=REPO_ROOT, capture_output=True, text=True,
+        env={**os.environ, "VLP_DATA_DIR": str(root), "COLUMNS": "250"}, timeout=120,
+    )  # fmt: skip
+    assert listing.returncode == 0, listing.stderr
+    for name in ("pretrain-albef-run", "vqa-albef-easy-vqa", "retrieval-albef-clipart"):
+        assert name in listing.stdout
+
 
 def test_torchrun_two_gloo_processes_match_one_process(train_corpus, tmp_path):
     """Same global batch (8 = 1 x 8 = 2 x 4): the loss curves agree to float tolerance."""
