@@ -528,3 +528,21 @@ def test_easy_vqa_reader_counts():
         assert Path(records[0].image).is_file()
     vocab = AnswerVocab.build(read_easy_vqa("test"))
     assert set(vocab.answers) == answers
+
+
+def test_shared_captions_are_neither_evaluation_targets_nor_held_out(tmp_path):
+    """Image a has a caption of its own and a caption shared with b; b has only the shared one."""
+    store = ShardStore(tmp_path / "store")
+    store.ensure_tables()
+    rows = [
+        {"image_id": "a", "text_id": "own-a", "source": "s", "kind": "title", "text": "a red apple"},
+        {"image_id": "a", "text_id": "shared", "source": "s", "kind": "keywords", "text": "fruit, food"},
+        {"image_id": "b", "text_id": "shared", "source": "s", "kind": "keywords", "text": "fruit, food"},
+        {"image_id": "c", "text_id": "own-c", "source": "s", "kind": "title", "text": "a green pear"},
+    ]
+    _commit(store, "ingest", "s", "k0", {"known_pairs": to_table("known_pairs", rows)})
+    held = heldout_split(store, 0.999999, SALT)  # every candidate is held out
+    assert sorted(zip(held["image_id"].to_pylist(), held["text_id"].to_pylist(), strict=True)) == [
+        ("a", "own-a"),
+        ("c", "own-c"),
+    ]  # b has no caption of its own; "shared" names no single image
