@@ -8,6 +8,7 @@ it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -554,6 +556,24 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
     return out
 
 
+def _reset_peak_rss() -> None:
+    """Reset this process's peak RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``), so the peak read
+    after a stage is that stage's own; elsewhere the peak stays cumulative."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process (the flow run and its thread-runner tasks) since the last reset, in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 @flow(name="build-corpus", log_prints=True)
 def build_corpus(config: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the corpus described by ``configs/corpus/<config>.yaml`` (or a YAML path) + dotted overrides.
@@ -576,21 +596,27 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     counts: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
     build_catalog(layout.catalog, layout.store)
+    stage_peak_mb: dict[str, float] = {}
     for stage in cfg.stages:
         ts = time.time()
+        _reset_peak_rss()
         if stage == INDEX:  # one task, not sharded
             counts[stage] = build_sentence_index(cfg, layout)
         else:
             runner = make_task_runner(cfg.runner)
             counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
         stage_seconds[stage] = round(time.time() - ts, 1)
-        log.info("stage %s done in %.1fs", stage, stage_seconds[stage])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, all task threads
+        stage_peak_mb[stage] = _peak_rss_mb()
+        log.info(
+            "stage %s done in %.1fs, peak RSS %.0f MB", stage, stage_seconds[stage], stage_peak_mb[stage]
+        )
+    peak_mb = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *stage_peak_mb.values()])
     result = {
         "counts": counts,
         "seconds": round(time.time() - t0, 1),
         "stage_seconds": stage_seconds,
         "peak_rss_mb": round(peak_mb, 1),
+        "stage_peak_rss_mb": stage_peak_mb,
         **_publish(layout),
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))

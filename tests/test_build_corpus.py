@@ -216,6 +216,9 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     con = connect(data_dir.catalog)
     n_images = con.execute("select count(*) from images").fetchone()[0]
     assert first["counts"]["regions"]["images"] == n_images >= 8  # distinct images (duplicates collapse)
+    # wall time and peak memory per stage (the peak is reset before each stage)
+    assert set(first["stage_seconds"]) == set(first["stage_peak_rss_mb"]) == set(cfg["stages"])
+    assert 100 < first["stage_peak_rss_mb"]["regions"] <= first["peak_rss_mb"]
     whole = con.execute(
         "select count(*), min(len(feature)), max(len(feature)), min(list_min(box5)), max(list_max(box5)) "
         "from regions where region_idx = 0 and label = 'image'"
