@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 import yaml
+from conftest import link_fetched
 
 from stores.catalog import connect
 from stores.shards import ShardStore
@@ -100,7 +102,7 @@ def test_bad_inputs_become_reject_rows_and_reruns_are_incremental(prefect_stack,
 def _table_rows(layout: DataLayout, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
     t = ShardStore(layout.store).read_table(table)
     t = t.drop_columns([c for c in drop if c in t.column_names])
-    keys = [(c, "ascending") for c in t.column_names if not pa.types.is_list(t.schema.field(c).type)]
+    keys = [(c, "ascending") for c in t.column_names if not pa.types.is_nested(t.schema.field(c).type)]
     return t.take(pc.sort_indices(t, sort_keys=keys)).to_pylist()
 
 
@@ -148,6 +150,58 @@ def test_sigkill_midway_resumes_to_identical_tables(prefect_stack, real, tmp_pat
         a, b = _table_rows(killed, table, volatile), _table_rows(clean, table, volatile)
         assert len(a) == len(b) and a == b, table
     assert len(_table_rows(clean, "images")) == 300
+
+
+def _rows_close(a: list[dict], b: list[dict], table: str) -> None:
+    """Equal rows; float vectors (features, embeddings) to float tolerance (batches may differ in size)."""
+    assert len(a) == len(b), table
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys(), table
+        for key, va in ra.items():
+            vb = rb[key]
+            if isinstance(va, list) and va and isinstance(va[0], float):
+                assert va == pytest.approx(vb, abs=2e-3), (table, key)
+            elif isinstance(va, float):
+                assert va == pytest.approx(vb, abs=1e-4), (table, key)
+            else:
+                assert va == vb, (table, key)
+
+
+def test_sigkill_mid_regions_resumes_to_identical_tables(prefect_stack, real, tmp_path, monkeypatch):
+    """A kill in a later stage (regions, after ingest finished): the resumed build equals a clean one."""
+    from flows.build_corpus import build_corpus
+
+    root = _corpus_dir(real, tmp_path, 36)
+    stages = ["ingest", "regions", "embed", "index", "retrieve"]
+    cfg = _config(root, stages=stages, regions={"shard_size": 3})
+    killed, clean = DataLayout(tmp_path / "killed"), DataLayout(tmp_path / "clean")
+    for layout in (killed, clean):  # the detector and backbone files come from the fetched data
+        layout.root.mkdir()
+        link_fetched(layout.root)
+    code = f"from flows.build_corpus import build_corpus; build_corpus(config={str(cfg)!r})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "VLP_DATA_DIR": str(killed.root)}, cwd=REPO_ROOT,
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    manifests = killed.store / "_manifests" / "regions" / "corpus"
+    t0 = time.time()
+    while len(list(manifests.glob("*.json"))) < 3:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() - t0 < 300, "no regions shard committed within 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(manifests.glob("*.json"))) < 12, "killed too late to test a resume"
+
+    monkeypatch.setenv("VLP_DATA_DIR", str(killed.root))
+    resumed = build_corpus(config=str(cfg))
+    assert resumed["counts"]["ingest"].get("shards", 0) == 0  # ingest had finished: nothing re-ran
+    assert resumed["counts"]["regions"]["shards"] < 12  # only the unfinished regions shards ran
+
+    monkeypatch.setenv("VLP_DATA_DIR", str(clean.root))
+    build_corpus(config=str(cfg))
+    for table in ("images", "regions", "image_tags", "text_embeddings", "retrieved_pairs"):
+        _rows_close(_table_rows(killed, table), _table_rows(clean, table), table)
 
 
 def test_embed_and_index_stages_are_incremental(prefect_stack, real, data_dir, tmp_path):
