@@ -41,6 +41,7 @@ from vlp_core.models.encoders import (
     VisionEncoder,
     build_text_stack,
     build_vision_encoder,
+    pool_text,
 )
 from vlp_core.objectives import (
     ContrastiveLoss,
@@ -112,6 +113,9 @@ class ALBEFConfig:
             fine-tuning sets ``mlm_weight=0`` and no MLM pass runs) and the parameters only it would train
             are frozen (``requires_grad=False``; build the optimiser from trainable parameters).
         seed: seeds the ITM negative sampling together with the step.
+        pooling: how a text (and a fused) sequence becomes one vector for the ITC projection and the ITM
+            head: ``"cls"`` (ALBEF) or ``"mean"`` over the text tokens (the tiny preset: MiniLM's [CLS] state
+            is nearly the same for every sentence, see :func:`pool_text`).
     """
 
     text: TextConfig = field(default_factory=TextConfig)
@@ -131,8 +135,11 @@ class ALBEFConfig:
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
     seed: int = 0
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.itm_negatives not in ("global", "local"):
             raise ValueError(f"itm_negatives must be 'global' or 'local', got {self.itm_negatives!r}")
         if not 0.0 <= self.momentum <= 1.0 or not 0.0 <= self.alpha <= 1.0:
@@ -155,6 +162,7 @@ class ALBEFConfig:
                 vision=VisionConfig(kind="cnn", image_size=128, width=384, pretrained=True, freeze_bn=True),
                 embed_dim=128,
                 queue_size=1024,
+                pooling="mean",
             )
         raise KeyError(f"unknown ALBEF preset {name!r} (known: 'base', 'tiny')")
 
@@ -271,14 +279,16 @@ class ALBEF(ImageInputs, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L)`` ids and mask -> ``(hidden (B, L, H), feats (B, E) L2-normalised)``."""
         hidden = self.text_encoder(input_ids, attention_mask)
-        return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        return hidden, F.normalize(
+            self.text_proj(pool_text(hidden, attention_mask, self.config.pooling)), dim=-1
+        )
 
     def itm_logits(
         self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """Fused pass on paired rows: ``(N, 1+N_img, Dv), (N, L, H), (N, L)`` -> ``(N, 2)`` match logits."""
         fused = self.fusion(text_hidden, text_mask, image_tokens)
-        return self.itm_head(fused[:, 0])
+        return self.itm_head(pool_text(fused, text_mask, self.config.pooling))
 
     def itm_scores(
         self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
@@ -468,7 +478,8 @@ class ALBEF(ImageInputs, nn.Module):
             image_tokens_m = m["vision_encoder"](pixel_values)
             image_feat_m = F.normalize(m["vision_proj"](image_tokens_m[:, 0]), dim=-1)
             text_hidden_m = m["text_encoder"](input_ids, attention_mask)
-            text_feat_m = F.normalize(m["text_proj"](text_hidden_m[:, 0]), dim=-1)
+            pooled_m = pool_text(text_hidden_m, attention_mask, cfg.pooling)
+            text_feat_m = F.normalize(m["text_proj"](pooled_m), dim=-1)
 
         metrics: dict[str, torch.Tensor] = {}
         total = image_feat.new_zeros(())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "pool_text",
     "ImageInputs",
     "BERT_BASE",
     "CNNGridEncoder",
@@ -789,3 +790,19 @@ class ImageInputs:
     @property
     def image_std(self) -> tuple[float, float, float]:
         return self.vision_encoder.std
+
+
+def pool_text(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per sequence from ``(B, L, H)`` states: ``"cls"`` (position 0, BERT / ALBEF) or ``"mean"``
+    (mean over the ``mask``-ed tokens, how sentence-transformers MiniLM was trained). ``-> (B, H)``.
+
+    MiniLM's [CLS] state is close to the same vector for every sentence (cosine 0.999999 between unrelated
+    captions after its first 3 layers), so a [CLS]-pooled MiniLM gives ITC, ITM and VQA heads nothing to
+    tell sentences apart by; ``"mean"`` is the tiny preset's choice.
+    """
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "mean":
+        m = mask[..., None].to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {how!r}")

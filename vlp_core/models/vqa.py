@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_core.models.albef import ALBEF, ALBEFConfig, Encoders, build_encoders, config_from_dict
-from vlp_core.models.encoders import ImageInputs, ModelOutput
+from vlp_core.models.encoders import ImageInputs, ModelOutput, pool_text
 
 __all__ = ["VQAClassifier", "VQAConfig", "load_backbone_state_", "vqa_loss", "vqa_score"]
 
@@ -117,6 +117,8 @@ class VQAClassifier(ImageInputs, nn.Module):
         num_answers: A.
         head_hidden: ``None`` = ``2 * H``.
         head_dropout: dropout before the output layer.
+        pooling: ``"cls"`` or ``"mean"`` over the fused question tokens (:func:`pool_text`; the backbone
+            config's choice when built with :meth:`from_config`).
     """
 
     def __init__(
@@ -126,8 +128,10 @@ class VQAClassifier(ImageInputs, nn.Module):
         *,
         head_hidden: int | None = None,
         head_dropout: float = 0.0,
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
+        self.pooling = pooling
         self.vision_encoder = backbone.vision_encoder
         self.text_encoder = backbone.text_encoder
         self.fusion = backbone.fusion
@@ -152,7 +156,13 @@ class VQAClassifier(ImageInputs, nn.Module):
         encoders, _, _ = build_encoders(cfg.backbone)
         if cfg.pretrained is not None:
             load_backbone_state_(encoders, cfg.pretrained)
-        return cls(encoders, cfg.num_answers, head_hidden=cfg.head_hidden, head_dropout=cfg.head_dropout)
+        return cls(
+            encoders,
+            cfg.num_answers,
+            head_hidden=cfg.head_hidden,
+            head_dropout=cfg.head_dropout,
+            pooling=cfg.backbone.pooling,
+        )
 
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -161,7 +171,7 @@ class VQAClassifier(ImageInputs, nn.Module):
         image = self.vision_encoder(pixel_values)
         text = self.text_encoder(input_ids, attention_mask)
         fused = self.fusion(text, attention_mask, image)
-        return self.head(fused[:, 0])
+        return self.head(pool_text(fused, attention_mask, self.pooling))
 
     def forward(
         self, batch: dict[str, torch.Tensor], *, step: int = 0, steps_per_epoch: int = 1
