@@ -350,8 +350,11 @@ def test_pair_dataset_serves_the_stored_image_and_sentence(corpus, dataset):
 def _loader_batches(dataset, collator, world, rank, workers):
     """One whole epoch (an exhausted loader stops its workers at once)."""
     sampler = ResumableSampler(len(dataset), 8, rank=rank, world_size=world, seed=11)
+    # spawn, not fork: by now the test process runs the session's Prefect client threads, and forking a
+    # threaded process can leave a worker with a lock held by a thread that no longer exists.
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collator, drop_last=True)  # fmt: skip
+                        collate_fn=collator, drop_last=True,
+                        multiprocessing_context="spawn" if workers else None)  # fmt: skip
     return list(loader)
 
 
