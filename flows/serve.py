@@ -135,6 +135,10 @@ def start(
     state = read_state(home)
     if state and _alive(state.server_pid) and healthy(state.api_url):
         log(f"Prefect server already running at {state.api_url} (pid {state.server_pid})")
+        if deploy:  # prefect.yaml may have gained or changed deployments since the server started
+            out = _prefect("--no-prompt", "deploy", "--all", env=stack_env(home, state.api_url))
+            n = out.stdout.count("Deployment '")
+            log(f"registered deployments from prefect.yaml ({n} deployments)")
         if worker and not _alive(state.worker_pid):
             state.worker_pid = _start_worker(state, stack_env(home, state.api_url), home).pid
             state_file(home).write_text(json.dumps(asdict(state), indent=1))
