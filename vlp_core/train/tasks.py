@@ -99,7 +99,7 @@ def heldout_retrieval_data(
 
 
 def _retrieval_eval(
-    config: TrainConfig, store: ShardStore, pairs: PairsConfig, tokenizer: Any, model: nn.Module
+    config: TrainConfig, store: ShardStore, pairs: PairsConfig, tokenizer: Any
 ) -> Callable[[nn.Module, torch.device], dict[str, float]]:
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         index, texts, data = heldout_retrieval_data(store, pairs, config.eval.retrieval_images)
@@ -157,7 +157,7 @@ def _pairs_job(config: TrainConfig, env: DistEnv) -> TrainJob:
         model=model,
         dataset=PairDataset(store, index, transform, seed=config.seed),
         collate=PretrainCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask),
-        evaluate=_retrieval_eval(config, store, pairs, tokenizer, model),
+        evaluate=_retrieval_eval(config, store, pairs, tokenizer),
         info=info,
     )
 
