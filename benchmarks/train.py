@@ -75,9 +75,9 @@ def _stage_plain(spec: dict[str, Any]) -> dict[str, Any]:
     import itertools
 
     import torch
+    from vlp_core.train.tasks import build_job
 
     from vlp_core.data import ResumableSampler
-    from vlp_core.train.tasks import build_job
     from vlp_core.train.trainer import DistEnv
 
     config = _config(spec)
@@ -217,9 +217,9 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     import shutil
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
+    from vlp_core.train.tasks import build_job
 
     from vlp_core.train.metrics import read_metrics
-    from vlp_core.train.tasks import build_job
     from vlp_core.train.trainer import train
 
     warmup, steps = spec["warmup"], spec["steps"]

@@ -1,4 +1,4 @@
-"""Prefect flows for training: ``pretrain`` (any method) and ``finetune`` (VQA, retrieval).
+"""Prefect flows for training: ``pretrain`` (any method) and ``finetune`` (any task, from any method's run).
 
 The flows orchestrate; the work happens in ``python -m vlp_core.train`` (or ``torchrun`` with ``nproc > 1``)
 started as a child process, so a multi-process DDP run looks exactly like the direct ``torchrun`` launch a
@@ -88,7 +88,7 @@ def _publish(kind: str, config: TrainConfig, result: dict[str, Any]) -> None:
         create_table_artifact(key=f"{key}-curve", table=rows, description=f"{kind} loss curve ({run_dir})")
     ev = result.get("eval") or {}
     lines = [
-        f"# {kind}: {config.method} ({config.task}, preset {config.preset})",
+        f"# {kind}: {config.method} ({config.task.kind}, preset {config.preset})",
         "",
         f"run dir `{run_dir}`, steps {result['step']} (resumed from {result['resumed_from']})",
         "",
@@ -101,41 +101,53 @@ def _publish(kind: str, config: TrainConfig, result: dict[str, Any]) -> None:
 @flow(name="pretrain")
 def pretrain(
     method: str = "albef",
-    config: str = "albef_tiny",
+    config: str | None = None,
     overrides: dict[str, Any] | None = None,
     nproc: int = 1,
 ) -> dict[str, Any]:
-    """Pre-train ``method`` with the train preset ``config`` (+ dotted ``overrides``), then evaluate zero-shot
-    retrieval on the held-out clip art. ``nproc > 1`` runs torchrun DDP (gloo on CPU, NCCL on GPUs)."""
-    cfg = load_train_config(config, {**(overrides or {}), "method": method})
-    if cfg.task != "pretrain":
-        raise ValueError(f"config {config!r} is a {cfg.task!r} config; use the finetune flow")
+    """Pre-train ``method`` with the train preset ``config`` (default ``<method>_tiny``) + dotted
+    ``overrides``, then evaluate zero-shot retrieval on the held-out clip art. ``nproc > 1`` runs torchrun
+    DDP (gloo on CPU, NCCL on GPUs)."""
+    cfg = load_train_config(config or f"{method}_tiny", {**(overrides or {}), "method": method})
+    if cfg.task.kind != "pretrain":
+        raise ValueError(f"config {config!r} is a {cfg.task.kind!r} config; use the finetune flow")
     result = run_training(cfg, nproc)
     _publish("pretrain", cfg, result)
     get_run_logger().info("pretrain done: %s", json.dumps(result.get("eval", {})))
     return result
 
 
+#: the preset of each fine-tuning task.
+FINETUNE_PRESETS = {"vqa": "vqa_easy", "retrieval": "retrieval_clipart"}
+
+
 @flow(name="finetune")
 def finetune(
     task: str = "vqa",
+    method: str | None = None,
     config: str | None = None,
     init_from: str | None = None,
     overrides: dict[str, Any] | None = None,
     nproc: int = 1,
 ) -> dict[str, Any]:
-    """Fine-tune for ``task`` (``vqa`` | ``retrieval``) from the pre-trained run ``init_from`` (a run or
-    checkpoint dir; default: the preset's ``init_from``), then evaluate (easy-VQA / VQA v2 accuracy, or
-    retrieval R@1/5/10 on the held-out clip art)."""
-    presets = {"vqa": "vqa_easy", "retrieval": "retrieval_clipart"}
-    if task not in presets:
-        raise ValueError(f"unknown fine-tuning task {task!r}; known: {sorted(presets)}")
+    """Fine-tune for ``task`` (``vqa`` | ``retrieval``) from a pre-trained run, then evaluate (easy-VQA /
+    VQA v2 accuracy, or retrieval R@1/5/10 on the held-out clip art).
+
+    The run to start from: ``init_from`` (a run or checkpoint dir), else ``method``'s ``pretrain`` run
+    (``{data}/runs/train/pretrain-<method>-run``), else the preset's. The backbone and the method are the
+    run's own, so any method's run fine-tunes the same way."""
+    if task not in FINETUNE_PRESETS:
+        raise ValueError(f"unknown fine-tuning task {task!r}; known: {sorted(FINETUNE_PRESETS)}")
     extra = dict(overrides or {})
     if init_from is not None:
         extra["init_from"] = init_from
-    cfg = load_train_config(config or presets[task], extra)
-    if cfg.task != task:
-        raise ValueError(f"config {config!r} is a {cfg.task!r} config, not {task!r}")
+    elif method is not None:
+        extra["init_from"] = f"{{data}}/runs/train/pretrain-{method}-run"
+    cfg = load_train_config(config or FINETUNE_PRESETS[task], extra)
+    if cfg.task.kind != task:
+        raise ValueError(f"config {config!r} is a {cfg.task.kind!r} config, not {task!r}")
+    if method is not None and cfg.method != method:
+        raise ValueError(f"init_from {cfg.init_from} is a {cfg.method} run, not {method}")
     result = run_training(cfg, nproc)
     _publish("finetune", cfg, result)
     get_run_logger().info("finetune %s done: %s", task, json.dumps(result.get("eval", {})))

@@ -19,24 +19,24 @@ import torch.nn.functional as F
 
 from vlp_core.language.embed import default_model_path
 from vlp_core.models import (
-    ALBEF,
-    MODELS,
-    ALBEFConfig,
+    BACKBONES,
+    AnswerClassifier,
     CNNGridEncoder,
+    DualStreamBackbone,
+    DualStreamConfig,
     FusionConfig,
     FusionEncoder,
     TextConfig,
     TextEncoder,
     VisionConfig,
     ViTEncoder,
-    VQAClassifier,
-    VQAConfig,
-    build_model,
     build_text_stack,
     read_bert_checkpoint,
     vqa_loss,
 )
 from vlp_core.objectives import mask_tokens, mlm_token_ids
+from vlp_core.recipes import ALBEF, RECIPES, ALBEFConfig, build_recipe
+from vlp_core.tasks import load_backbone_weights_
 
 CAPTIONS = [
     "a red bus on a busy street",
@@ -51,9 +51,9 @@ CAPTIONS = [
 IMAGE_KEY = [0, 0, 1, 1, 2, 3, 4, 5]  # captions 0-1 and 2-3 describe the same image
 
 
-def tiny_config() -> ALBEFConfig:
+def tiny_backbone() -> DualStreamConfig:
     """Fresh 1 + 1 layer text stack 64 wide, EfficientNet-Lite0 grid at 64 px (2x2 + 1 tokens), dropout 0."""
-    return ALBEFConfig(
+    return DualStreamConfig(
         text=TextConfig(
             pretrained=None,
             num_layers=1,
@@ -65,10 +65,15 @@ def tiny_config() -> ALBEFConfig:
         ),
         fusion=FusionConfig(num_layers=1),
         vision=VisionConfig(kind="cnn", image_size=64, width=48, pretrained=True, freeze_bn=True),
-        embed_dim=32,
-        queue_size=32,
-        momentum=0.9,
     )
+
+
+def tiny_config() -> ALBEFConfig:
+    return ALBEFConfig(embed_dim=32, queue_size=32, momentum=0.9)
+
+
+def tiny_albef(config: ALBEFConfig | None = None, backbone: DualStreamConfig | None = None) -> ALBEF:
+    return ALBEF(config or tiny_config(), DualStreamBackbone(backbone or tiny_backbone()))
 
 
 def make_batch(tokenizer, image_size: int, n: int = 8) -> dict[str, torch.Tensor]:
@@ -111,7 +116,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model() -> ALBEF:
     torch.manual_seed(0)
-    return ALBEF(tiny_config()).train()
+    return tiny_albef().train()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +157,7 @@ def test_minilm_matches_hf_bert_and_splits_into_fusion(tokenizer):
     )  # embeddings (4 tensors + LN bias) and 16 tensors per layer; pooler dropped
     text, fusion, head, fresh = build_text_stack(TextConfig("minilm", 3), FusionConfig(3), image_width=32)
     torch.testing.assert_close(
-        fusion.layers[1].ffn_in.weight, state["layers.4.ffn_in.weight"], rtol=0, atol=0
+        fusion.layers[1].ffn.fc_in.weight, state["layers.4.ffn.fc_in.weight"], rtol=0, atol=0
     )
     torch.testing.assert_close(
         text.layers[2].self_attn.q.bias, state["layers.2.self_attn.q.bias"], rtol=0, atol=0
@@ -306,12 +311,14 @@ def test_retrieval_helpers_and_pretrained_state(model, batch):
     assert not any(k.startswith(("momentum.", "image_queue.", "text_queue.")) for k in state)
     assert "temp.value" in state and "itm_head.proj.weight" in state
 
-    fresh = ALBEF(m.config)
+    fresh = ALBEF(m.config, DualStreamBackbone(m.backbone.config))
     fresh.load_pretrained_state_dict({**state, "momentum.junk": torch.zeros(1)})
     for (n, p), q in zip(fresh._online().named_parameters(), fresh.momentum.parameters(), strict=True):
         assert torch.equal(p, q) and torch.equal(p, m._online().get_parameter(n)), n
     with pytest.raises(KeyError):
-        fresh.load_pretrained_state_dict({k: v for k, v in state.items() if not k.startswith("fusion.")})
+        fresh.load_pretrained_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("backbone.fusion.")}
+        )
 
     with torch.no_grad():
         m.temp.value.fill_(5.0)
@@ -323,7 +330,7 @@ def test_vit_albef_tiny_retrieval_finetuning_step(batch):
     """A tiny random ViT backbone; mlm_weight 0 (retrieval fine-tuning) skips MLM and freezes its head, and
     every parameter left trainable gets a gradient (what DDP without find_unused_parameters needs)."""
     torch.manual_seed(0)
-    cfg = tiny_config().to_dict()
+    cfg = tiny_backbone().to_dict()
     cfg["vision"] = {
         "kind": "vit",
         "image_size": 32,
@@ -332,8 +339,7 @@ def test_vit_albef_tiny_retrieval_finetuning_step(batch):
         "depth": 1,
         "num_heads": 2,
     }
-    cfg["mlm_weight"] = 0.0
-    m = build_model("albef", cfg)
+    m = build_recipe("albef", {**tiny_config().to_dict(), "mlm_weight": 0.0}, cfg)
     assert m.vision_encoder.num_tokens == 1 + 4 and m.image_size == 32
     small = {**batch, "pixel_values": F.interpolate(batch["pixel_values"], size=32, mode="bilinear")}
     out = m(small, step=0, steps_per_epoch=1)
@@ -372,36 +378,35 @@ def test_config_round_trip_and_overrides():
     for name in ("tiny", "base"):
         cfg = ALBEFConfig.preset(name)
         assert ALBEFConfig.from_dict(cfg.to_dict()) == cfg
-    tiny = ALBEFConfig.preset("tiny")
-    assert (tiny.text.pretrained, tiny.text.num_layers, tiny.fusion.num_layers) == ("minilm", 3, 3)
-    assert (tiny.vision.kind, tiny.vision.image_size, tiny.embed_dim, tiny.queue_size) == (
+        bcfg = DualStreamConfig.preset(name)
+        assert DualStreamConfig.from_dict(bcfg.to_dict()) == bcfg
+    tiny, tiny_b = ALBEFConfig.preset("tiny"), DualStreamConfig.preset("tiny")
+    assert (tiny_b.text.pretrained, tiny_b.text.num_layers, tiny_b.fusion.num_layers) == ("minilm", 3, 3)
+    assert (tiny_b.vision.kind, tiny_b.vision.image_size, tiny.embed_dim, tiny.queue_size) == (
         "cnn",
         128,
         128,
         1024,
     )
-    base = ALBEFConfig.preset("base")
-    assert (base.vision.kind, base.vision.image_size, base.embed_dim, base.queue_size) == (
+    base, base_b = ALBEFConfig.preset("base"), DualStreamConfig.preset("base")
+    assert (base_b.vision.kind, base_b.vision.image_size, base.embed_dim, base.queue_size) == (
         "vit",
         256,
         256,
         65536,
     )
 
-    over = ALBEFConfig.from_dict({"preset": "tiny", "vision": {"image_size": 96}, "itm_negatives": "local"})
-    assert over.vision.image_size == 96 and over.itm_negatives == "local"
-    assert over.vision.width == tiny.vision.width and over.text == tiny.text
+    over_b = DualStreamConfig.from_dict({"preset": "tiny", "vision": {"image_size": 96}})
+    over = ALBEFConfig.from_dict({"preset": "tiny", "itm_negatives": "local"})
+    assert over_b.vision.image_size == 96 and over.itm_negatives == "local"
+    assert over_b.vision.width == tiny_b.vision.width and over_b.text == tiny_b.text
     with pytest.raises(KeyError):
-        ALBEFConfig.from_dict({"vision": {"imagesize": 96}})
+        DualStreamConfig.from_dict({"vision": {"imagesize": 96}})
     with pytest.raises(ValueError):
         ALBEFConfig.from_dict({"itm_negatives": "everywhere"})
     with pytest.raises(ValueError):
         TextConfig(pretrained="minilm", hidden_size=768).resolved()  # contradicts the checkpoint
-
-    vqa = VQAConfig.from_dict({"backbone": {"preset": "tiny", "embed_dim": 64}, "num_answers": 10})
-    assert vqa.backbone.embed_dim == 64 and vqa.backbone.text == tiny.text
-    assert VQAConfig.from_dict(vqa.to_dict()) == vqa
-    assert {"albef", "vqa"} <= set(MODELS)
+    assert {"dual_stream", "multiway", "flava"} <= set(BACKBONES) and "albef" in RECIPES
 
 
 # --------------------------------------------------------------------------------------------------- VQA
@@ -424,11 +429,14 @@ def test_vqa_loss_equals_hand_computed_bce():
 def test_vqa_classifier_from_pretrained_albef(model, batch, tmp_path: Path):
     ckpt = tmp_path / "albef.pt"
     torch.save({"model": model.pretrained_state_dict()}, ckpt)
-    vqa = build_model("vqa", {"backbone": tiny_config().to_dict(), "num_answers": 5, "pretrained": str(ckpt)})
-    assert isinstance(vqa, VQAClassifier)
+    backbone = DualStreamBackbone(tiny_backbone())
+    load_backbone_weights_(backbone, str(ckpt))
+    vqa = AnswerClassifier(backbone, 5)
     for part in ("vision_encoder", "text_encoder", "fusion"):
         for (n, p), q in zip(
-            getattr(vqa, part).state_dict().items(), getattr(model, part).state_dict().values(), strict=True
+            getattr(vqa.backbone, part).state_dict().items(),
+            getattr(model, part).state_dict().values(),
+            strict=True,
         ):
             assert torch.equal(p, q), f"{part}.{n}"
     scores = torch.zeros(8, 5)
@@ -440,7 +448,8 @@ def test_vqa_classifier_from_pretrained_albef(model, batch, tmp_path: Path):
     assert out.logits.shape == (8, 5)
     torch.testing.assert_close(out.loss, vqa_loss(out.logits, scores))
     out.loss.backward()
-    assert vqa.head[-1].weight.grad is not None and vqa.fusion.layers[0].cross_attn.q.weight.grad is not None
+    assert vqa.head[-1].weight.grad is not None
+    assert vqa.backbone.fusion.layers[0].cross_attn.q.weight.grad is not None
 
 
 # ------------------------------------------------------------------------------- two processes vs one
@@ -464,7 +473,7 @@ def _dist_worker(rank_: int, world: int, init_file: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank_, world_size=world)
     try:
         saved = torch.load(Path(tmp) / "setup.pt", weights_only=False)
-        m = ALBEF(saved["config"]).train()
+        m = ALBEF(saved["config"], DualStreamBackbone(saved["backbone"])).train()
         m.load_state_dict(saved["state"])
         full = saved["batch"]
         per = full["image_key"].shape[0] // world
@@ -494,7 +503,8 @@ def _dist_worker(rank_: int, world: int, init_file: str, tmp: str) -> None:
 @pytest.mark.slow
 def test_two_processes_match_one_process(model, batch, tmp_path: Path):
     state = model.state_dict()
-    torch.save({"config": model.config, "state": state, "batch": batch}, tmp_path / "setup.pt")
+    saved = {"config": model.config, "backbone": model.backbone.config, "state": state, "batch": batch}
+    torch.save(saved, tmp_path / "setup.pt")
     world = 2
     mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     res = torch.load(tmp_path / "dist.pt", weights_only=False)

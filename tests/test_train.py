@@ -20,7 +20,7 @@ from vlp_core.train.metrics import read_metrics
 # Tiny and deterministic: dropout off (its masks are drawn per process), small batches, few steps.
 TINY = [
     "batch_size=8", "log_every=1", "data.num_workers=1", "eval.retrieval_images=12", "eval.itm_rerank_k=3",
-    "model.text.dropout=0.0", "model.text.attention_dropout=0.0", "model.queue_size=64",
+    "backbone.text.dropout=0.0", "backbone.text.attention_dropout=0.0", "recipe.queue_size=64",
     "optim.warmup_steps=1",
 ]  # fmt: skip
 CURVE_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "alpha", "temp", "lr", "grad_norm")
@@ -62,7 +62,7 @@ def test_pretrain_then_finetune_deployments(prefect_stack, train_corpus):
     root = train_corpus.root
     pre = {
         "data_dir": str(root), "batch_size": 8, "max_steps": 3, "checkpoint_every": 3, "log_every": 1,
-        "data.num_workers": 0, "eval.retrieval_images": 12, "eval.itm_rerank_k": 3, "model.queue_size": 64,
+        "data.num_workers": 0, "eval.retrieval_images": 12, "eval.itm_rerank_k": 3, "recipe.queue_size": 64,
     }  # fmt: skip
     done = _prefect(
         "deployment", "run", "pretrain/albef", "--params", json.dumps({"overrides": pre}), "--watch"
@@ -73,8 +73,8 @@ def test_pretrain_then_finetune_deployments(prefect_stack, train_corpus):
     assert ev["n_images"] == 12 and 0.0 <= ev["itc_i2t_r10"] <= 1.0 and "itm_t2i_r1" in ev
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
-    vqa = {**pre, "data.limit": 64, "eval.vqa_questions": 48}
-    for k in ("eval.retrieval_images", "eval.itm_rerank_k", "model.queue_size"):
+    vqa = {**pre, "data.limit": 64, "task.eval_questions": 48}
+    for k in ("eval.retrieval_images", "eval.itm_rerank_k", "recipe.queue_size"):
         vqa.pop(k)
     done = _prefect(
         "deployment", "run", "finetune/vqa", "--params", json.dumps({"overrides": vqa}), "--watch"

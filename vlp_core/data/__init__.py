@@ -2,6 +2,8 @@
 
 - :mod:`~vlp_core.data.pairs`: the pair index (retrieved / known / random / mixed, held-out images removed)
   and ``PairDataset`` (JPEGs read lazily from the ``images`` table through a bounded per-worker cache).
+- :mod:`~vlp_core.data.unimodal`: image-only and text-only indexes and datasets (held-out data removed), for
+  round-robin over image-only, text-only and paired batches.
 - :mod:`~vlp_core.data.sampler`: ``ResumableSampler`` (global batches split across ranks, exact resume) and
   the per-sample seeds that make augmentation and masks independent of processes and batch split.
 - :mod:`~vlp_core.data.transforms`: train / eval image transforms.
@@ -9,7 +11,7 @@
 - :mod:`~vlp_core.data.vqa`: VQA v2 and easy-VQA readers, answer normalisation, soft scores, vocabulary.
 """
 
-from vlp_core.data.collate import PretrainCollator, VQACollator, load_tokenizer
+from vlp_core.data.collate import ImageCollator, PretrainCollator, TextCollator, VQACollator, load_tokenizer
 from vlp_core.data.pairs import (
     MODES,
     ImageDecodeError,
@@ -22,6 +24,13 @@ from vlp_core.data.pairs import (
 )
 from vlp_core.data.sampler import ResumableSampler, sample_seed
 from vlp_core.data.transforms import eval_transform, train_transform
+from vlp_core.data.unimodal import (
+    ImageDataset,
+    TextDataset,
+    UnimodalConfig,
+    build_image_index,
+    build_text_index,
+)
 from vlp_core.data.vqa import (
     AnswerVocab,
     VQADataset,
@@ -37,14 +46,21 @@ __all__ = [
     "MODES",
     "AnswerVocab",
     "ImageDecodeError",
+    "ImageCollator",
+    "ImageDataset",
     "PairDataset",
     "PairsConfig",
     "PretrainCollator",
     "ResumableSampler",
+    "TextCollator",
+    "TextDataset",
+    "UnimodalConfig",
     "VQACollator",
     "VQADataset",
     "VQARecord",
+    "build_image_index",
     "build_pair_index",
+    "build_text_index",
     "eval_transform",
     "heldout_split",
     "load_image_file",

@@ -9,6 +9,11 @@ Pre-training batch (``PretrainCollator``), B samples, L = longest caption in the
 
 VQA batch (``VQACollator``): ``pixel_values``, ``input_ids``, ``attention_mask`` (the question),
 ``answer_scores`` float32 ``(B, A)``, ``question_id`` int64 ``(B,)``.
+
+Unimodal batches (image-only / text-only steps, :mod:`~vlp_core.data.unimodal`): ``TextCollator`` gives the
+text keys of the pre-training batch (``input_ids``, ``attention_mask``, ``mlm_input_ids``, ``mlm_labels``,
+``text_key``, ``sample_seed``), with the same per-sample masks ``PretrainCollator`` draws for the same text
+and seed; ``ImageCollator`` gives ``pixel_values``, ``image_key`` and ``sample_seed``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from vlp_core.objectives import mask_tokens, mlm_token_ids
 
-__all__ = ["PretrainCollator", "VQACollator", "load_tokenizer"]
+__all__ = ["ImageCollator", "PretrainCollator", "TextCollator", "VQACollator", "load_tokenizer"]
 
 
 def load_tokenizer(path: str | Path | None = None):
@@ -49,19 +54,9 @@ def _tokenize(tokenizer: Any, texts: list[str], max_len: int):
     )
 
 
-class PretrainCollator:
-    """Tokenize captions and draw BERT MLM masks, one ``torch.Generator`` per sample.
-
-    Each row is masked on its own unpadded tokens with a generator seeded by the sample's ``sample_seed``:
-    the mask of a caption is the same whatever batch, batch size or process it is collated in (masking the
-    padded batch would make the random draws depend on the batch's longest caption).
-
-    Args:
-        tokenizer: a fast Hugging Face tokenizer (:func:`load_tokenizer`).
-        max_len: captions are truncated to this many tokens, [CLS] and [SEP] included.
-        mlm_prob: selection probability per token (or per word with ``whole_word``); 80/10/10 corruption.
-        whole_word: select whole words (all wordpieces of a word together), using the tokenizer's word ids.
-    """
+class _MaskedText:
+    """The text part of :class:`PretrainCollator` and :class:`TextCollator` (same arguments): tokenize
+    ``sample["text"]`` and MLM-mask each row with a generator seeded by its ``sample_seed``."""
 
     def __init__(self, tokenizer: Any, max_len: int = 30, mlm_prob: float = 0.15, whole_word: bool = False):
         if whole_word and not getattr(tokenizer, "is_fast", False):
@@ -85,7 +80,8 @@ class PretrainCollator:
         )
         return masked[0], labels[0]
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _encode(self, samples: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({input_ids, attention_mask, mlm_input_ids, mlm_labels}, sample_seed (B,) int64)``."""
         enc = _tokenize(self.tokenizer, [s["text"] for s in samples], self.max_len)
         input_ids = enc["input_ids"].long()
         attention_mask = enc["attention_mask"].long()
@@ -96,12 +92,34 @@ class PretrainCollator:
         for i, n in enumerate(lengths):
             word_ids = enc.word_ids(i)[:n] if self.whole_word else None
             mlm_input_ids[i, :n], mlm_labels[i, :n] = self.mask_row(input_ids[i, :n], int(seeds[i]), word_ids)
-        return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]).float(),
+        text = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "mlm_input_ids": mlm_input_ids,
             "mlm_labels": mlm_labels,
+        }
+        return text, seeds
+
+
+class PretrainCollator(_MaskedText):
+    """Tokenize captions and draw BERT MLM masks, one ``torch.Generator`` per sample.
+
+    Each row is masked on its own unpadded tokens with a generator seeded by the sample's ``sample_seed``:
+    the mask of a caption is the same whatever batch, batch size or process it is collated in (masking the
+    padded batch would make the random draws depend on the batch's longest caption).
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer (:func:`load_tokenizer`).
+        max_len: captions are truncated to this many tokens, [CLS] and [SEP] included.
+        mlm_prob: selection probability per token (or per word with ``whole_word``); 80/10/10 corruption.
+        whole_word: select whole words (all wordpieces of a word together), using the tokenizer's word ids.
+    """
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        text, seeds = self._encode(samples)
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]).float(),
+            **text,
             "image_key": torch.tensor([int(s["image_key"]) for s in samples], dtype=torch.int64),
             "text_key": torch.tensor([int(s["text_key"]) for s in samples], dtype=torch.int64),
             "sample_seed": seeds,
@@ -123,4 +141,30 @@ class VQACollator:
             "attention_mask": enc["attention_mask"].long(),
             "answer_scores": torch.stack([s["answer_scores"] for s in samples]).float(),
             "question_id": torch.tensor([int(s["question_id"]) for s in samples], dtype=torch.int64),
+        }
+
+
+class TextCollator(_MaskedText):
+    """Text-only batches (``TextDataset`` samples): tokens and MLM masks exactly as :class:`PretrainCollator`
+    draws them (a caption with the same ``sample_seed`` gets the same mask), plus ``text_key`` and
+    ``sample_seed``; no images. Arguments as :class:`PretrainCollator`."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        text, seeds = self._encode(samples)
+        return {
+            **text,
+            "text_key": torch.tensor([int(s["text_key"]) for s in samples], dtype=torch.int64),
+            "sample_seed": seeds,
+        }
+
+
+class ImageCollator:
+    """Image-only batches (``ImageDataset`` samples): ``pixel_values`` float32 ``(B, 3, S, S)``, ``image_key``
+    and ``sample_seed`` int64 ``(B,)``."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]).float(),
+            "image_key": torch.tensor([int(s["image_key"]) for s in samples], dtype=torch.int64),
+            "sample_seed": torch.tensor([int(s["sample_seed"]) for s in samples], dtype=torch.int64),
         }

@@ -333,11 +333,38 @@ def _positions(column: pa.ChunkedArray | pa.Array, uniq: pa.Array) -> np.ndarray
     return pc.index_in(col.cast(pa.string()), value_set=uniq).to_numpy().astype(np.int32)
 
 
-def _missing(kind: str, wanted: pa.Array, loc: np.ndarray) -> None:
+def _missing(kind: str, wanted: pa.Array, loc: np.ndarray, index: str = "pair index") -> None:
     miss = np.flatnonzero(loc[:, 0] < 0)
     if len(miss):
         examples = [wanted[int(i)].as_py() for i in miss[:3]]
-        raise KeyError(f"{len(miss)} {kind} of the pair index are not in the store, e.g. {examples}")
+        raise KeyError(f"{len(miss)} {kind} of the {index} are not in the store, e.g. {examples}")
+
+
+def _read_sentences(
+    store: ShardStore, text_ids: pa.ChunkedArray | pa.Array, index: str = "pair index"
+) -> tuple[pa.Array, np.ndarray]:
+    """The sentences of ``text_ids``, each stored once: ``(texts, rows)`` with ``texts`` one Arrow string
+    array of the distinct ids' ``text`` (read from ``texts`` one row group at a time) and ``rows`` the
+    ``(N,)`` int32 position of each id of ``text_ids`` in it. KeyError if a sentence is not stored."""
+    uniq_texts = _distinct_ids(text_ids)
+    text_loc, found = _locate(_table_files(store, "texts"), "text_id", uniq_texts, ["text"])
+    _missing("sentences", uniq_texts, text_loc, index)
+    if found:
+        slots = np.concatenate([s for s, _ in found])
+        texts = pa.concat_arrays([t["text"].combine_chunks() for _, t in found])
+        by_slot = texts.take(pa.array(np.argsort(slots), pa.int64()))
+    else:
+        by_slot = pa.array([], pa.string())
+    return by_slot, _positions(text_ids, uniq_texts)
+
+
+def _split_key(key: tuple[int, int] | int, n: int) -> tuple[int, int]:
+    """A sampler key ``(epoch, index)`` (a plain int: epoch 0) → ``(epoch, index)``; IndexError outside."""
+    epoch, index = key if isinstance(key, tuple) else (0, key)
+    index = int(index)
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} outside [0, {n})")
+    return epoch, index
 
 
 class _RowGroupCache:
@@ -369,7 +396,72 @@ class _RowGroupCache:
         return value
 
 
-class PairDataset(Dataset):
+class _StoredImages(Dataset):
+    """Lazy JPEG reads of an index's images from the ``images`` table (shared by :class:`PairDataset` and the
+    unimodal ``ImageDataset``): an ``image_id → (file, row group, row)`` locator built from the ``image_id``
+    column only, and a per-process LRU of row groups' JPEGs, bounded by ``cache_bytes``. A subclass calls
+    :meth:`_init_images` in its constructor and sets ``transform`` for :meth:`_pixels`."""
+
+    def _init_images(
+        self, store: ShardStore, image_ids: pa.ChunkedArray | pa.Array, cache_bytes: int, index: str
+    ) -> None:
+        """Distinct ids → where they are stored; rows of the index point at the distinct ids. No image
+        bytes are read here."""
+        self.cache_bytes = int(cache_bytes)
+        uniq_images = _distinct_ids(image_ids)
+        self._row_image = _positions(image_ids, uniq_images)
+        self._files = [str(p) for p in _table_files(store, "images")]
+        self._image_ids = uniq_images
+        self._image_loc, _ = _locate([Path(f) for f in self._files], "image_id", uniq_images)
+        _missing("images", uniq_images, self._image_loc, index)
+        self._cache: _RowGroupCache | None = None
+        self._pid = -1
+
+    def _row_group_images(self, file: int, row_group: int) -> pa.Array:
+        pf = pq.ParquetFile(self._files[file])
+        try:
+            return pf.read_row_group(row_group, columns=["image"])["image"].combine_chunks()
+        finally:
+            pf.close()
+
+    def image_bytes(self, index: int) -> bytes:
+        """The stored JPEG of row ``index``'s image, through this process's cache."""
+        if self._pid != os.getpid():  # a new (forked) worker: never share the parent's cache
+            self._cache, self._pid = _RowGroupCache(self.cache_bytes), os.getpid()
+        file, rg, row = (int(v) for v in self._image_loc[self._row_image[index]])
+        column = self._cache.get((file, rg), lambda: self._row_group_images(file, rg))
+        return column[row].as_py()
+
+    def load_image(self, index: int):
+        """Row ``index``'s image as a PIL RGB image; :class:`ImageDecodeError` if it cannot be decoded."""
+        data = self.image_bytes(index)
+        try:
+            return load_rgb(data)
+        except Exception as exc:  # any decoder failure is a damaged store; say which image, where
+            u = int(self._row_image[index])
+            file, rg, row = (int(v) for v in self._image_loc[u])
+            raise ImageDecodeError(
+                f"image {self._image_ids[u].as_py()} (index row {index}; {self._files[file]}, "
+                f"row group {rg}, row {row}, {len(data)} bytes) cannot be decoded: "
+                f"{type(exc).__name__}: {exc}. The ingest stage stores only decodable JPEGs, so this shard "
+                "is damaged: drop it and re-run ingest."
+            ) from exc
+
+    def _pixels(self, index: int, seed: int) -> torch.Tensor:
+        """Row ``index``'s image through ``self.transform`` under ``torch.manual_seed(seed)`` in
+        ``fork_rng``: the augmentation does not depend on the worker, the rank or the batch."""
+        image = self.load_image(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"], state["_pid"] = None, -1  # caches are per process
+        return state
+
+
+class PairDataset(_StoredImages):
     """Map-style pre-training samples of a pair index, keyed by the sampler's ``(epoch, index)``.
 
     At construction (in the main process) it reads only the ``image_id`` column of the ``images`` files to
@@ -406,87 +498,23 @@ class PairDataset(Dataset):
         store = _as_store(store)
         self.transform = transform
         self.seed = int(seed)
-        self.cache_bytes = int(cache_bytes)
         self.image_keys = index["image_key"].to_numpy().astype(np.int64)
         self.text_keys = index["text_key"].to_numpy().astype(np.int64)
-
-        # Images: distinct ids → where they are stored; rows of the index point at the distinct ids.
-        uniq_images = _distinct_ids(index["image_id"])
-        self._row_image = _positions(index["image_id"], uniq_images)
-        self._files = [str(p) for p in _table_files(store, "images")]
-        self._image_ids = uniq_images
-        self._image_loc, _ = _locate([Path(f) for f in self._files], "image_id", uniq_images)
-        _missing("images", uniq_images, self._image_loc)
-
+        self._init_images(store, index["image_id"], cache_bytes, "pair index")
         # Sentences: only those of the index, each stored once (rows point at them).
-        uniq_texts = _distinct_ids(index["text_id"])
-        text_loc, found = _locate(_table_files(store, "texts"), "text_id", uniq_texts, ["text"])
-        _missing("sentences", uniq_texts, text_loc)
-        if found:
-            slots = np.concatenate([s for s, _ in found])
-            texts = pa.concat_arrays([t["text"].combine_chunks() for _, t in found])
-            by_slot = texts.take(pa.array(np.argsort(slots), pa.int64()))
-        else:
-            by_slot = pa.array([], pa.string())
-        self._texts = by_slot
-        self._row_text = _positions(index["text_id"], uniq_texts)
-        self._cache: _RowGroupCache | None = None
-        self._pid = -1
+        self._texts, self._row_text = _read_sentences(store, index["text_id"])
 
     def __len__(self) -> int:
         return len(self.image_keys)
 
-    # -- images
-    def _row_group_images(self, file: int, row_group: int) -> pa.Array:
-        pf = pq.ParquetFile(self._files[file])
-        try:
-            return pf.read_row_group(row_group, columns=["image"])["image"].combine_chunks()
-        finally:
-            pf.close()
-
-    def image_bytes(self, index: int) -> bytes:
-        """The stored JPEG of row ``index``'s image, through this process's cache."""
-        if self._pid != os.getpid():  # a new (forked) worker: never share the parent's cache
-            self._cache, self._pid = _RowGroupCache(self.cache_bytes), os.getpid()
-        file, rg, row = (int(v) for v in self._image_loc[self._row_image[index]])
-        column = self._cache.get((file, rg), lambda: self._row_group_images(file, rg))
-        return column[row].as_py()
-
-    def load_image(self, index: int):
-        """Row ``index``'s image as a PIL RGB image; :class:`ImageDecodeError` if it cannot be decoded."""
-        data = self.image_bytes(index)
-        try:
-            return load_rgb(data)
-        except Exception as exc:  # any decoder failure is a damaged store; say which image, where
-            u = int(self._row_image[index])
-            file, rg, row = (int(v) for v in self._image_loc[u])
-            raise ImageDecodeError(
-                f"image {self._image_ids[u].as_py()} (index row {index}; {self._files[file]}, "
-                f"row group {rg}, row {row}, {len(data)} bytes) cannot be decoded: "
-                f"{type(exc).__name__}: {exc}. The ingest stage stores only decodable JPEGs, so this shard "
-                "is damaged: drop it and re-run ingest."
-            ) from exc
-
     # -- samples
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} outside [0, {len(self)})")
+        epoch, index = _split_key(key, len(self))
         seed = sample_seed(self.seed, epoch, index)
-        image = self.load_image(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pixels = self.transform(image)
         return {
-            "pixel_values": pixels,
+            "pixel_values": self._pixels(index, seed),
             "text": self._texts[int(self._row_text[index])].as_py(),
             "image_key": int(self.image_keys[index]),
             "text_key": int(self.text_keys[index]),
             "sample_seed": seed,
         }
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_cache"], state["_pid"] = None, -1  # caches are per process
-        return state

@@ -1,86 +1,80 @@
-"""Image-text models: shared encoders, methods composed from the shared objectives, and a builder registry.
+"""Image-text networks: shared layers and encoders, backbones (what a network is) and task heads.
 
-``build_model(method, config_dict)`` is how the trainer and the flows get a model from a resolved config:
+- :mod:`.layers`: attention, feed-forward and modality experts, the transformer layer.
+- :mod:`.text`, :mod:`.vision`, :mod:`.fusion`: encoders (MiniLM / BERT text, EfficientNet-Lite0 grid or
+  ViT images, cross-attention fusion and the single-stream encoder).
+- :mod:`.backbones`: the registry of backbones (``dual_stream``, ``multiway``, ``flava``).
+- :mod:`.heads`: task heads over any backbone.
 
-- ``"albef"``: :class:`ALBEF` from an :class:`ALBEFConfig` dict (``{"preset": "tiny", ...}``).
-- ``"vqa"``: :class:`VQAClassifier` from a :class:`VQAConfig` dict (``{"backbone": {"preset": "tiny"},
-  "num_answers": 3129, "pretrained": "<checkpoint>"}``).
+How a backbone is pre-trained lives in :mod:`vlp_core.recipes`; what it is fine-tuned for in
+:mod:`vlp_core.tasks`.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-from torch import nn
-
-from vlp_core.models.albef import ALBEF, ALBEFConfig, Encoders, build_encoders, config_from_dict
-from vlp_core.models.encoders import (
+from vlp_core.models.backbones import (
+    BACKBONES,
+    Backbone,
+    BackboneConfig,
+    DualStreamBackbone,
+    DualStreamConfig,
+    FlavaBackbone,
+    FlavaConfig,
+    MultiwayBackbone,
+    MultiwayConfig,
+    backbone_config,
+    build_backbone,
+    register_backbone,
+)
+from vlp_core.models.configs import config_from_dict
+from vlp_core.models.fusion import FusionConfig, FusionEncoder, SingleStreamEncoder, build_text_stack
+from vlp_core.models.heads import AnswerClassifier, mlp_head, vqa_loss, vqa_score
+from vlp_core.models.layers import FeedForward, ModalityExperts, TransformerLayer
+from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
+from vlp_core.models.text import MLMHead, TextConfig, TextEncoder, pool_text, read_bert_checkpoint
+from vlp_core.models.vision import (
     CNNGridEncoder,
-    FusionConfig,
-    FusionEncoder,
-    MLMHead,
-    ModelOutput,
-    TextConfig,
-    TextEncoder,
-    TransformerLayer,
     VisionConfig,
     VisionEncoder,
     ViTEncoder,
-    build_text_stack,
     build_vision_encoder,
-    read_bert_checkpoint,
 )
-from vlp_core.models.vqa import VQAClassifier, VQAConfig, load_backbone_state_, vqa_loss, vqa_score
 
 __all__ = [
-    "ALBEF",
-    "ALBEFConfig",
+    "BACKBONES",
+    "AnswerClassifier",
+    "Backbone",
+    "BackboneConfig",
     "CNNGridEncoder",
-    "Encoders",
+    "DualStreamBackbone",
+    "DualStreamConfig",
+    "FeedForward",
+    "FlavaBackbone",
+    "FlavaConfig",
     "FusionConfig",
     "FusionEncoder",
+    "ImageFeatures",
     "MLMHead",
-    "MODELS",
+    "ModalityExperts",
     "ModelOutput",
+    "MultiwayBackbone",
+    "MultiwayConfig",
+    "PairFeatures",
+    "SingleStreamEncoder",
     "TextConfig",
     "TextEncoder",
+    "TextFeatures",
     "TransformerLayer",
-    "VQAClassifier",
-    "VQAConfig",
     "ViTEncoder",
     "VisionConfig",
     "VisionEncoder",
-    "build_encoders",
-    "build_model",
+    "backbone_config",
+    "build_backbone",
+    "register_backbone",
     "build_text_stack",
     "build_vision_encoder",
     "config_from_dict",
-    "load_backbone_state_",
+    "mlp_head",
+    "pool_text",
     "read_bert_checkpoint",
-    "register_model",
     "vqa_loss",
     "vqa_score",
 ]
-
-#: method name -> builder taking the method's config dict.
-MODELS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
-    "albef": lambda cfg: ALBEF(ALBEFConfig.from_dict(cfg)),
-    "vqa": lambda cfg: VQAClassifier.from_config(VQAConfig.from_dict(cfg)),
-}
-
-
-def register_model(name: str, builder: Callable[[dict[str, Any]], nn.Module]) -> None:
-    """Add a method to :data:`MODELS` (a second registration of one name is an error)."""
-    if name in MODELS:
-        raise KeyError(f"model {name!r} is already registered")
-    MODELS[name] = builder
-
-
-def build_model(method: str, config: dict[str, Any] | None = None) -> nn.Module:
-    """The model of ``method`` from its (nested) config dict; ``{}`` / ``None`` = the method's defaults."""
-    try:
-        builder = MODELS[method]
-    except KeyError:
-        raise KeyError(f"unknown model {method!r} (known: {sorted(MODELS)})") from None
-    return builder(dict(config or {}))

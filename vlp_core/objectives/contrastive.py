@@ -182,6 +182,7 @@ class ContrastiveLoss(nn.Module):
         alpha: float = 0.0,
         ids: torch.Tensor | None = None,
         queue_ids: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """Compute the loss.
 
@@ -196,9 +197,16 @@ class ContrastiveLoss(nn.Module):
             ids: ``(B,)`` int64 sample ids; candidates with the query's id are all positives.
             queue_ids: ``(K_q,)`` ids of the queued pairs (``FeatureQueue.ids``); needed with ``ids`` and a
                 queue.
+            valid: optional ``(B,)`` bool row mask (as in torchmultimodal's contrastive loss): a row with
+                ``False`` (e.g. a sample of a mixed batch without a caption) is neither a query nor a key.
+                It is gathered from every rank with the features. Invalid keys get ``-inf`` logits, invalid
+                queries are left out of the mean (which is over the valid queries), and with no valid query
+                the loss is a graph-connected 0. Queue keys always count (enqueue only valid rows). ``None``
+                is the unmasked loss; an all-True mask gives exactly the same values.
 
         Returns:
-            :class:`ContrastiveOutput`.
+            :class:`ContrastiveOutput`. With ``valid``, the returned logits hold ``-inf`` in the columns of
+            invalid batch keys (in the rows of valid queries); the rows of invalid queries are meaningless.
         """
         if (image_feats_m is None) != (text_feats_m is None):
             raise ValueError("pass both momentum features or neither")
@@ -209,6 +217,10 @@ class ContrastiveLoss(nn.Module):
             raise ValueError("alpha > 0 needs momentum features for the soft targets")
         if ids is not None and image_queue is not None and queue_ids is None:
             raise ValueError("ids with a queue need queue_ids")
+        if valid is not None and (valid.shape != image_feats.shape[:1] or valid.dtype != torch.bool):
+            raise ValueError(
+                f"valid must be a ({image_feats.shape[0]},) bool mask, got {valid.dtype} {valid.shape}"
+            )
 
         batch = image_feats.shape[0]
         img = F.normalize(image_feats, dim=-1)
@@ -236,6 +248,25 @@ class ContrastiveLoss(nn.Module):
         logits_i2t = img_q @ txt_keys.t() / temperature
         logits_t2i = txt_q @ img_keys.t() / temperature
         n_query = img_q.shape[0]
+        if valid is not None:
+            img_mq = txt_mq = None
+            if momentum:
+                img_mq = img_m if self.local_loss else img_m_all
+                txt_mq = txt_m if self.local_loss else txt_m_all
+            return self._masked_loss(
+                valid,
+                logits_i2t,
+                logits_t2i,
+                temperature,
+                offset=offset,
+                img_keys=img_keys,
+                txt_keys=txt_keys,
+                img_mq=img_mq,
+                txt_mq=txt_mq,
+                alpha=alpha,
+                ids=ids,
+                queue_ids=queue_ids,
+            )
 
         hard: torch.Tensor | None = None
         if ids is not None:
@@ -273,3 +304,98 @@ class ContrastiveLoss(nn.Module):
             logits_i2t=logits_i2t,
             logits_t2i=logits_t2i,
         )
+
+    def _masked_loss(
+        self,
+        valid: torch.Tensor,
+        logits_i2t: torch.Tensor,
+        logits_t2i: torch.Tensor,
+        temperature: torch.Tensor | float,
+        *,
+        offset: int,
+        img_keys: torch.Tensor,
+        txt_keys: torch.Tensor,
+        img_mq: torch.Tensor | None,
+        txt_mq: torch.Tensor | None,
+        alpha: float,
+        ids: torch.Tensor | None,
+        queue_ids: torch.Tensor | None,
+    ) -> ContrastiveOutput:
+        """The loss with a row mask (see ``valid`` in :meth:`forward`); no host sync.
+
+        With an all-True mask every step below is the identity on the unmasked computation (a ``masked_fill``
+        with nothing to fill, a ``where`` that picks the loss), so the values are bit-identical.
+        """
+        n_query, n_keys = logits_i2t.shape
+        # Gathered as uint8 (every backend supports it); gather_features keeps the rank order of the features.
+        local = valid.detach().to(device=logits_i2t.device, dtype=torch.uint8)
+        valid_all = gather_features(local, with_grad=False).bool()
+        local = local.bool()
+        query_valid = local if self.local_loss else valid_all
+        n_queue = n_keys - valid_all.shape[0]
+        key_valid = torch.cat([valid_all, valid_all.new_ones(n_queue)]) if n_queue else valid_all
+        # Keys are masked only in the rows of valid queries. A valid query's own positive is a valid key, so
+        # no row is all -inf; an invalid query's row stays finite (its loss is dropped): nothing turns NaN.
+        keep = key_valid[None, :] | ~query_valid[:, None]
+        raw_i2t, raw_t2i = logits_i2t, logits_t2i
+        logits_i2t = logits_i2t.masked_fill(~keep, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(~keep, float("-inf"))
+        labels = torch.arange(n_query, device=logits_i2t.device) + offset
+
+        hard: torch.Tensor | None = None
+        if ids is not None:
+            ids_all = gather_features(ids.detach(), with_grad=False)
+            query_ids = ids if self.local_loss else ids_all
+            key_ids = (
+                ids_all if queue_ids is None or n_queue == 0 else torch.cat([ids_all, queue_ids.to(ids_all)])
+            )
+            pos = ((query_ids[:, None] == key_ids[None, :]) & keep).to(logits_i2t.dtype)
+            hard = pos / pos.sum(dim=1, keepdim=True)
+        elif alpha > 0:
+            hard = F.one_hot(labels, n_keys).to(logits_i2t.dtype)
+
+        if hard is None:
+            # Ignored labels leave invalid queries out of the mean; with none valid the mean is 0/0, replaced
+            # by a graph-connected zero from the unmasked logits (the where sends no gradient into the NaN).
+            zero = (raw_i2t.sum() + raw_t2i.sum()) * 0
+            any_valid = query_valid.any()
+            labels = labels.masked_fill(~query_valid, -100)
+            loss_i2t = torch.where(any_valid, F.cross_entropy(logits_i2t, labels, ignore_index=-100), zero)
+            loss_t2i = torch.where(any_valid, F.cross_entropy(logits_t2i, labels, ignore_index=-100), zero)
+        else:
+            targets_i2t = targets_t2i = hard
+            if alpha > 0:
+                with torch.no_grad():
+                    temp = temperature.detach() if isinstance(temperature, torch.Tensor) else temperature
+                    soft_i2t = F.softmax(
+                        (img_mq @ txt_keys.t() / temp).masked_fill(~keep, float("-inf")), dim=1
+                    )
+                    soft_t2i = F.softmax(
+                        (txt_mq @ img_keys.t() / temp).masked_fill(~keep, float("-inf")), dim=1
+                    )
+                    targets_i2t = alpha * soft_i2t + (1 - alpha) * hard
+                    targets_t2i = alpha * soft_t2i + (1 - alpha) * hard
+            # Sum over the valid queries / their count (0 / 1 = 0 when none is valid, still graph-connected).
+            count = query_valid.sum().clamp(min=1)
+            loss_i2t = _masked_soft_ce(logits_i2t, targets_i2t, keep, query_valid) / count
+            loss_t2i = _masked_soft_ce(logits_t2i, targets_t2i, keep, query_valid) / count
+
+        return ContrastiveOutput(
+            loss=(loss_i2t + loss_t2i) / 2,
+            loss_i2t=loss_i2t,
+            loss_t2i=loss_t2i,
+            logits_i2t=logits_i2t,
+            logits_t2i=logits_t2i,
+        )
+
+
+def _masked_soft_ce(
+    logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Sum over the ``rows`` of :func:`soft_cross_entropy`'s terms, with ``-inf`` logits outside ``keep``.
+
+    The log-probabilities of dropped keys are -inf and their targets 0; they are zeroed before the product so
+    that ``0 * -inf`` does not give NaN.
+    """
+    log_p = F.log_softmax(logits, dim=-1).masked_fill(~keep, 0.0)
+    return -(targets * log_p).sum(dim=-1).masked_fill(~rows, 0.0).sum()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["alpha_ramp", "copy_params_", "ema_update_", "freeze_", "momentum_copy"]
+__all__ = ["MomentumTwin", "alpha_ramp", "copy_params_", "ema_update_", "freeze_", "momentum_copy"]
 
 Params = nn.Module | Iterable[torch.Tensor]
 
@@ -92,3 +92,41 @@ def alpha_ramp(step: int, steps_per_epoch: int, alpha: float = 0.4, ramp_epochs:
     if ramp_epochs <= 0:
         return float(alpha)
     return float(alpha) * min(1.0, step / (ramp_epochs * steps_per_epoch))
+
+
+class MomentumTwin(nn.ModuleDict):
+    """Frozen EMA copies of named online parts, kept as one module (``twin["text_encoder"]`` etc.).
+
+    All parts are deep-copied together, so weights tied across parts (an MLM decoder sharing the word
+    embeddings) stay tied in the twin. :meth:`update_` is the EMA step (call it before the momentum forward
+    pass, as ALBEF does), :meth:`sync_` copies the online weights (after loading pre-trained weights).
+
+    Args:
+        online: part name -> online module; the twin keeps the same names and order.
+        momentum: EMA coefficient m in ``twin <- m * twin + (1 - m) * online``.
+    """
+
+    def __init__(self, online: dict[str, nn.Module] | nn.ModuleDict, momentum: float = 0.995) -> None:
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        copied = momentum_copy(nn.ModuleDict(online))
+        super().__init__(dict(copied.items()))
+        self.momentum = float(momentum)
+
+    def _check(self, online: dict[str, nn.Module]) -> nn.ModuleDict:
+        if list(online) != list(self.keys()):
+            raise KeyError(f"online parts {list(online)} do not match the twin's {list(self.keys())}")
+        return nn.ModuleDict(online)
+
+    @torch.no_grad()
+    def update_(self, online: dict[str, nn.Module]) -> None:
+        """``twin <- m * twin + (1 - m) * online`` for every parameter."""
+        ema_update_(self, self._check(online), self.momentum)
+
+    @torch.no_grad()
+    def sync_(self, online: dict[str, nn.Module]) -> None:
+        """Set the twin to a copy of the online weights (it stays frozen)."""
+        copy_params_(self, self._check(online))
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}"

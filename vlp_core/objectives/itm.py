@@ -9,6 +9,7 @@ uniformly among the admissible candidates thanks to a small additive epsilon (AL
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ITMResult",
+    "hard_negative_itm",
     "HardNegatives",
     "ITMHead",
     "ItmPairs",
@@ -159,3 +162,101 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def match_probability(logits: torch.Tensor) -> torch.Tensor:
     """``(N, 2)`` logits -> ``(N,)`` probability of a match (the ITM score used to re-rank retrieval)."""
     return F.softmax(logits.float(), dim=-1)[:, 1]
+
+
+@dataclass
+class ITMResult:
+    """Loss (already scaled to its share of the global mean), accuracy over valid rows, and the logits."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+def hard_negative_itm(
+    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    image_inputs: torch.Tensor,
+    text_inputs: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    image_query: torch.Tensor,
+    text_query: torch.Tensor,
+    image_key: torch.Tensor,
+    text_key: torch.Tensor,
+    temperature: torch.Tensor | float,
+    ids: torch.Tensor,
+    seed: int,
+    negatives: str = "global",
+) -> ITMResult:
+    """ITM on ``[positives; text + hard negative image; hard negative text + image]`` for one local batch.
+
+    Negatives are drawn from ``softmax(query . key / T)`` with same-``ids`` pairs masked (ALBEF draws the
+    online features against the momentum features; VLMo online against online). Shared by every recipe
+    with an ITM objective; the recipe supplies the fused scorer.
+
+    ``negatives="global"``: image inputs, text inputs (padded to the longest length of any rank), masks,
+    query/key features and ids are gathered from all ranks (inputs with their gradients when they require
+    grad); every rank draws negatives for the whole global batch with one generator seeded by ``seed``
+    (give every rank the same seed, e.g. :func:`step_seed` of the step), then scores its own ``3B`` rows. The
+    loss is scaled by :func:`global_mean_scale` over valid rows, so the mean over ranks is the global mean
+    and the result does not depend on the number of processes. ``"local"``: negatives from this rank's
+    batch only (the reference implementations' per-GPU behaviour; give each rank its own seed).
+
+    Args:
+        score: ``(image_rows (N, ...), text_rows (N, L, ...), mask_rows (N, L)) -> (N, 2)`` match logits.
+        image_inputs: ``(B, ...)`` what ``score`` takes on the image side (image tokens, or embeddings).
+        text_inputs: ``(B, L, ...)`` what ``score`` takes on the text side; ``text_mask`` ``(B, L)``.
+        image_query, text_query, image_key, text_key: ``(B, E)`` L2-normalised features for the draw.
+        temperature: the ITC temperature (detached here).
+        ids: ``(B,)`` int64 image ids; pairs of the same image are never negatives.
+        seed: seed of the draw.
+    """
+    from vlp_core.distributed import gather_features, rank
+    from vlp_core.objectives.reduce import global_mean_scale
+
+    temp = temperature.detach() if torch.is_tensor(temperature) else temperature
+    batch = image_inputs.shape[0]
+    feats = (image_query, text_query, image_key, text_key)
+    if negatives == "local":
+        gathered = [f.detach() for f in feats]
+        ids_all, lo = ids, 0
+        images_all, texts_all, masks_all = image_inputs, text_inputs, text_mask
+    elif negatives == "global":
+        length = text_inputs.shape[1]
+        lengths = gather_features(torch.tensor([length], device=text_mask.device), with_grad=False)
+        longest = int(lengths.max())
+        if longest > length:  # all_gather needs one shape; the padding is masked out
+            pad = [0, 0] * (text_inputs.dim() - 2) + [0, longest - length]
+            text_inputs = F.pad(text_inputs, pad)
+            text_mask = F.pad(text_mask, (0, longest - length))
+        gathered = [gather_features(f.detach(), with_grad=False) for f in feats]
+        ids_all = gather_features(ids, with_grad=False)
+        lo = rank() * batch
+        images_all = gather_features(image_inputs, with_grad=image_inputs.requires_grad)
+        texts_all = gather_features(text_inputs, with_grad=text_inputs.requires_grad)
+        masks_all = gather_features(text_mask, with_grad=False)
+    else:
+        raise ValueError(f"negatives must be 'global' or 'local', got {negatives!r}")
+    iq, tq, ik, tk = gathered
+    same = ids_all[:, None] == ids_all[None, :]
+    gen = torch.Generator(device=iq.device).manual_seed(seed)
+    neg = sample_hard_negatives(iq @ tk.t() / temp, tq @ ik.t() / temp, same, generator=gen)
+    if negatives == "global":
+        hi = lo + batch
+        neg = HardNegatives(
+            image_for_text=neg.image_for_text[lo:hi],
+            text_for_image=neg.text_for_image[lo:hi],
+            image_valid=neg.image_valid[lo:hi],
+            text_valid=neg.text_valid[lo:hi],
+            offset=lo,
+        )
+    pairs = build_itm_pairs(neg)
+    logits = score(images_all[pairs.image_idx], texts_all[pairs.text_idx], masks_all[pairs.text_idx])
+    valid = pairs.labels != -100
+    loss = itm_loss(logits, pairs.labels)
+    if negatives == "global":
+        loss = loss * global_mean_scale(valid.sum())
+    correct = (logits.argmax(dim=1) == pairs.labels) & valid
+    acc = correct.sum().float() / valid.sum().clamp(min=1)
+    return ITMResult(loss=loss, accuracy=acc.detach(), logits=logits, labels=pairs.labels)

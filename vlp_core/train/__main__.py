@@ -14,8 +14,8 @@ import sys
 import torch
 import yaml
 
+from vlp_core.tasks import build_spec
 from vlp_core.train.config import load_train_config
-from vlp_core.train.tasks import build_job
 from vlp_core.train.trainer import evaluate_only, train
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.eval_only:
-        metrics = evaluate_only(config, build_job)
+        metrics = evaluate_only(config, build_spec)
         print(
             "RESULT "
             + json.dumps(
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 0
-    result = train(config, build_job)
+    result = train(config, build_spec)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,22 +1,41 @@
-"""The one typed training config shared by every method and task (pre-training, VQA, retrieval fine-tuning).
+"""The one typed training config shared by every method and task.
 
-Presets live in ``configs/train/*.yaml``; dotted ``--set`` overrides apply on top; every run writes its
-resolved config to ``<run_dir>/config.yaml``. Model and pair-data sections stay plain dicts here and are
-validated by the method's own config class (``vlp_core.models``) and by ``vlp_core.data.PairsConfig``, so
-a new method adds its options without touching this file.
+A run is three separate choices, each from a registry and validated when the config is loaded:
+
+- ``backbone`` (what the network is; :mod:`vlp_core.models.backbones`): overrides over the ``preset`` of the
+  kind, which defaults to the method's backbone kind — or, when ``init_from`` names a run, to that run's
+  backbone (fine-tuning builds exactly the network that was pre-trained, whatever the method);
+- ``method`` + ``recipe`` (how it is pre-trained; :mod:`vlp_core.recipes`): overrides of the method's recipe
+  config (loss weights, queue sizes, stage lengths, ...);
+- ``task`` (what it is trained / evaluated for; :mod:`vlp_core.tasks`): ``{kind: pretrain | retrieval |
+  vqa, ...}`` with the task's own typed fields.
+
+Presets live in ``configs/train/*.yaml``; dotted ``--set`` overrides apply on top; every run writes its config
+to ``<run_dir>/config.yaml``. A new method, backbone or task adds its options in its own config class,
+without touching this file.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from vlp_core.config import load_yaml_config
 from vlp_core.paths import DataLayout
 
-__all__ = ["DataConfig", "EvalConfig", "OptimConfig", "TrainConfig", "load_train_config"]
+__all__ = ["DataConfig", "EvalConfig", "OptimConfig", "TrainConfig", "load_train_config", "run_config"]
 
 
 class _Strict(BaseModel):
@@ -24,7 +43,7 @@ class _Strict(BaseModel):
 
 
 class OptimConfig(_Strict):
-    """AdamW with linear warm-up then cosine decay to ``min_lr`` (ALBEF: 1e-4 → 1e-5, wd 0.02)."""
+    """AdamW with linear warm-up then cosine decay to ``min_lr`` (ALBEF: 1e-4 → 1e-5, wd 0.02), per stage."""
 
     lr: float = Field(1e-4, gt=0)
     min_lr: float = Field(1e-5, ge=0)
@@ -33,10 +52,23 @@ class OptimConfig(_Strict):
     eps: float = 1e-8
     warmup_steps: int = Field(0, ge=0)
     clip_grad_norm: float | None = Field(1.0, description="max global grad norm; null disables clipping")
+    lr_mult: dict[str, float] = Field(
+        default_factory=dict,
+        description="learning-rate multiplier per backbone role (vision, vision_pretrained, text, fusion, "
+        "...); 0 freezes the role",
+    )
+
+    @field_validator("lr_mult")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: m for k, m in v.items() if m < 0}
+        if bad:
+            raise ValueError(f"lr_mult must be >= 0, got {bad}")
+        return v
 
 
 class DataConfig(_Strict):
-    """Where samples come from. ``task=pretrain|retrieval`` read corpus pairs; ``task=vqa`` reads VQA data."""
+    """Sample preparation shared by the tasks (the task says which data; see its config)."""
 
     pairs: dict[str, Any] = Field(default_factory=dict, description="vlp_core.data.PairsConfig fields")
     max_len: int = Field(30, gt=2, description="text tokens incl. [CLS]/[SEP]")
@@ -44,36 +76,49 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.5, 1.0)
     randaugment: bool = False
     whole_word_mask: bool = False
-    # VQA
-    vqa_dataset: Literal["easy_vqa", "vqa_v2"] = "easy_vqa"
-    vqa_questions: str | None = Field(None, description="VQA v2 questions JSON (vqa_dataset=vqa_v2)")
-    vqa_annotations: str | None = Field(None, description="VQA v2 annotations JSON")
-    vqa_images: str | None = Field(None, description="VQA v2 image folder (COCO file names)")
-    vqa_eval_questions: str | None = Field(None, description="VQA v2 evaluation questions JSON")
-    vqa_eval_annotations: str | None = Field(None, description="VQA v2 evaluation annotations JSON")
-    vqa_eval_images: str | None = Field(None, description="VQA v2 evaluation image folder")
-    vqa_top_answers: int = Field(3129, gt=0)
     limit: int | None = Field(None, description="cap on training samples (small runs)")
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from vlp_core.data import PairsConfig
+
+        try:
+            PairsConfig(**v)
+        except TypeError as exc:
+            raise ValueError(f"data.pairs: {exc}") from None
+        return v
 
 
 class EvalConfig(_Strict):
-    """Evaluation after training (and every ``every`` steps when > 0)."""
+    """Evaluation after training, and every ``every`` steps when > 0."""
 
     retrieval_images: int | None = Field(500, description="cap on held-out images scored (null = all)")
     itm_rerank_k: int = Field(16, ge=0, description="re-rank each query's ITC top-k with ITM (0 = ITC only)")
     batch_size: int = Field(64, gt=0)
-    vqa_questions: int | None = Field(None, description="cap on VQA test questions scored (null = all)")
-    every: int = Field(0, ge=0)
+    every: int = Field(0, ge=0, description="also evaluate every N steps (0 = only at the end)")
+
+
+def run_config(path: str | Path) -> TrainConfig | None:
+    """The config of the run that ``path`` (a run dir, one of its checkpoints or its weights file) belongs
+    to, or ``None`` when there is no run config there."""
+    p = Path(path).expanduser()
+    for candidate in (p, p.parent, p.parent.parent, p.parent.parent.parent):
+        f = candidate / "config.yaml"
+        if f.is_file() and (candidate / "checkpoints").is_dir():
+            return TrainConfig.model_validate(yaml.safe_load(f.read_text()))
+    return None
 
 
 class TrainConfig(_Strict):
     """Everything one training run needs; ``batch_size`` is the GLOBAL batch per optimiser step."""
 
-    task: Literal["pretrain", "vqa", "retrieval"] = "pretrain"
-    method: str = "albef"
-    preset: str = Field("tiny", description="model preset of the method (tiny | base)")
-    model: dict[str, Any] = Field(default_factory=dict, description="nested overrides of the model preset")
-    init_from: str | None = Field(None, description="checkpoint dir/file of a pre-training run to start from")
+    task: Any = Field("pretrain", description="{kind: pretrain | retrieval | vqa, ...task fields}")
+    method: str | None = Field(None, description="the recipe (albef | vlmo | flava); default: init_from's")
+    preset: str = Field("tiny", description="size preset of the backbone and the recipe (tiny | base)")
+    backbone: dict[str, Any] = Field(default_factory=dict, description="overrides of the backbone preset")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="overrides of the method's recipe")
+    init_from: str | None = Field(None, description="run / checkpoint dir / weights file to start from")
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -90,11 +135,77 @@ class TrainConfig(_Strict):
     name: str = "run"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    _backbone: Any = PrivateAttr(None)
+    _recipe: Any = PrivateAttr(None)
+    _init_run: Any = PrivateAttr(None)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, v: Any) -> Any:
+        from vlp_core.tasks import task_config
+
+        return task_config(v)
+
+    @field_serializer("task")
+    def _dump_task(self, v: Any) -> dict[str, Any]:
+        return v.model_dump(mode="json")
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        from vlp_core.models.backbones import backbone_config
+        from vlp_core.models.configs import config_from_dict
+        from vlp_core.recipes import RECIPES, default_backbone_kind, recipe_config
+
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr {self.optim.min_lr} > optim.lr {self.optim.lr}")
+        run = self.init_run()
+        if run is not None:
+            if self.method is None:
+                self.method = run.method
+            elif self.method != run.method and self.task.kind == "retrieval":
+                raise ValueError(f"init_from is a {run.method} run; retrieval fine-tunes it as {run.method}")
+        self.method = self.method or "albef"
+        try:
+            # A recipe's own ``seed`` (e.g. ITM negative draws) follows the run's seed unless set.
+            overrides = dict(self.recipe)
+            if "seed" in {f.name for f in fields(RECIPES[self.method].config)}:
+                overrides.setdefault("seed", self.seed)
+            self._recipe = recipe_config(self.method, overrides, preset=self.preset)
+            if run is not None:
+                base = run.backbone_config()
+                kind = self.backbone.get("kind", base.registry_kind)
+                if kind != base.registry_kind:
+                    raise ValueError(
+                        f"init_from is a {base.registry_kind} run; backbone.kind {kind!r} does not fit"
+                    )
+                self._backbone = config_from_dict(
+                    base, {k: v for k, v in self.backbone.items() if k != "kind"}
+                )
+            else:
+                kind = self.backbone.get("kind", default_backbone_kind(self.method))
+                self._backbone = backbone_config({**self.backbone, "kind": kind}, preset=self.preset)
+        except KeyError as exc:  # unknown method / kind / field: a validation error at load time
+            raise ValueError(str(exc).strip("'\"")) from None
         return self
+
+    def init_path(self) -> Path | None:
+        """``init_from`` with ``{data}`` expanded to the data directory."""
+        return Path(self.init_from.format(data=self.layout().root)) if self.init_from else None
+
+    def init_run(self) -> TrainConfig | None:
+        """The config of the run ``init_from`` names, when it exists already (else ``None``)."""
+        if self._init_run is None and self.init_from:
+            path = self.init_path()
+            self._init_run = run_config(path) if path is not None and path.exists() else None
+        return self._init_run
+
+    def backbone_config(self) -> Any:
+        """The typed backbone config (a :class:`~vlp_core.models.backbones.BackboneConfig`)."""
+        return self._backbone
+
+    def recipe_config(self) -> Any:
+        """The typed recipe config of :attr:`method` (a :class:`~vlp_core.recipes.RecipeConfig`)."""
+        return self._recipe
 
     def layout(self) -> DataLayout:
         return (
@@ -104,7 +215,7 @@ class TrainConfig(_Strict):
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
             return Path(self.run_dir).expanduser().resolve()
-        return self.layout().runs / "train" / f"{self.task}-{self.method}-{self.name}"
+        return self.layout().runs / "train" / f"{self.task.kind}-{self.method}-{self.name}"
 
 
 def load_train_config(

@@ -1,8 +1,8 @@
 """ALBEF (Li et al., 2021): align image and text before fusing them, with momentum distillation.
 
-The model is a composition of the shared encoders (:mod:`vlp_core.models.encoders`) and the shared
-objectives (:mod:`vlp_core.objectives`): ITC with momentum keys, queues and soft targets, ITM on hard
-negatives, and MLM distilled from the momentum model.
+A composition of shared parts on a :class:`DualStreamBackbone`: ITC with momentum keys, queues and soft
+targets (:class:`ContrastiveLoss`, :class:`FeatureQueue`, :class:`MomentumTwin`), ITM on hard negatives
+(:func:`hard_negative_itm`), and MLM distilled from the momentum model (:func:`mlm_distill_loss`).
 
 Distributed behaviour. Every loss is written so that, with dropout 0, the loss averaged over ranks and the
 gradient that DDP averages over ranks equal the single-process values on the concatenated global batch,
@@ -11,95 +11,51 @@ order, and the vision encoder's output per sample does not depend on the batch, 
 
 - ITC: local queries against the gathered momentum keys and the queue (``local_loss=True``); each query's
   loss only involves its own online features, so the per-rank mean averages to the global mean.
-- ITM (``itm_negatives="global"``): the online image tokens, text states, masks and image keys are gathered
-  from all ranks with gradient; every rank samples negatives for the whole global batch with the same
-  ``torch.Generator`` seeded from (``seed``, step), then scores its own rows. The loss is normalised by the
-  global number of valid rows, so the mean over ranks is the global mean.
-- MLM: normalised by the global number of masked tokens likewise.
+- ITM (``itm_negatives="global"``): see :func:`hard_negative_itm`.
+- MLM: normalised by the global number of masked tokens (:func:`global_mean_scale`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.distributed import gather_features, rank, world_size
-from vlp_core.models.encoders import (
-    FusionConfig,
-    FusionEncoder,
-    ImageInputs,
-    MLMHead,
-    ModelOutput,
-    TextConfig,
-    TextEncoder,
-    VisionConfig,
-    VisionEncoder,
-    build_text_stack,
-    build_vision_encoder,
-    pool_text,
-)
+from vlp_core.distributed import rank
+from vlp_core.models.backbones import DualStreamBackbone
+from vlp_core.models.outputs import ModelOutput
+from vlp_core.models.text import pool_text
 from vlp_core.objectives import (
     ContrastiveLoss,
     FeatureQueue,
     HardNegatives,
     ITMHead,
+    MomentumTwin,
     Temperature,
     alpha_ramp,
-    build_itm_pairs,
-    copy_params_,
-    ema_update_,
-    itm_loss,
+    global_mean_scale,
+    hard_negative_itm,
     match_probability,
     mlm_distill_loss,
-    momentum_copy,
     sample_hard_negatives,
+    step_seed,
 )
+from vlp_core.recipes.base import Recipe, RecipeConfig, register_recipe
 
-__all__ = ["ALBEF", "ALBEFConfig", "Encoders", "build_encoders", "config_from_dict"]
+__all__ = ["ALBEF", "ALBEFConfig"]
 
-# Parts that have a momentum twin (ALBEF's model_pairs: the "text encoder" there is BertForMaskedLM, i.e. the
-# text layers, the fusion layers and the MLM head, which the momentum MLM targets need).
-_MOMENTUM_PARTS = ("vision_encoder", "vision_proj", "text_encoder", "text_proj", "fusion", "mlm_head")
 # State-dict prefixes that are training machinery, not weights to fine-tune from.
 _NOT_PRETRAINED = ("momentum.", "image_queue.", "text_queue.")
 
 
-def config_from_dict(base: Any, overrides: dict[str, Any]) -> Any:
-    """A copy of dataclass ``base`` with ``overrides`` applied; nested dataclass fields take nested dicts.
-
-    A nested dict may carry ``"preset"`` when its dataclass has a ``preset`` classmethod: the preset then
-    replaces the base before the other keys apply. Unknown keys raise ``KeyError`` (typos must not pass
-    silently). The result is rebuilt through the constructor, so ``__post_init__`` validation runs.
-    """
-    overrides = dict(overrides)
-    if "preset" in overrides:
-        if not hasattr(type(base), "preset"):
-            raise KeyError(f"{type(base).__name__} has no presets")
-        base = type(base).preset(overrides.pop("preset"))
-    names = {f.name for f in dataclasses.fields(base)}
-    values = {name: getattr(base, name) for name in names}
-    for key, value in overrides.items():
-        if key not in names:
-            raise KeyError(f"{type(base).__name__} has no field {key!r} (fields: {sorted(names)})")
-        current = values[key]
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            values[key] = config_from_dict(current, value)
-        else:
-            values[key] = value
-    return type(base)(**values)
-
-
 @dataclass
-class ALBEFConfig:
-    """ALBEF. The defaults are the ``"base"`` preset; :meth:`preset` also knows ``"tiny"``.
+class ALBEFConfig(RecipeConfig):
+    """ALBEF's objectives. The defaults are the ``"base"`` preset; ``"tiny"`` has embed 128, queue 1,024.
 
     Args:
-        text, fusion, vision: the encoders (see their docstrings).
         embed_dim: ITC projection width E.
         queue_size: momentum feature queue length; a multiple of the global batch size.
         momentum: EMA coefficient of the momentum model.
@@ -111,16 +67,12 @@ class ALBEFConfig:
             processes) or ``"local"`` (from this rank's batch only, as the reference code does per GPU).
         itc_weight, itm_weight, mlm_weight: loss weights; a part with weight 0 is skipped (e.g. retrieval
             fine-tuning sets ``mlm_weight=0`` and no MLM pass runs) and the parameters only it would train
-            are frozen (``requires_grad=False``; build the optimiser from trainable parameters).
+            are frozen (``requires_grad=False``; the optimiser is built from trainable parameters).
         seed: seeds the ITM negative sampling together with the step.
-        pooling: how a text (and a fused) sequence becomes one vector for the ITC projection and the ITM
-            head: ``"cls"`` (ALBEF) or ``"mean"`` over the text tokens (the tiny preset: MiniLM's [CLS] state
-            is nearly the same for every sentence, see :func:`pool_text`).
     """
 
-    text: TextConfig = field(default_factory=TextConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    registry_name: ClassVar[str] = "albef"
+
     embed_dim: int = 256
     queue_size: int = 65536
     momentum: float = 0.995
@@ -135,11 +87,8 @@ class ALBEFConfig:
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
     seed: int = 0
-    pooling: str = "cls"
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.itm_negatives not in ("global", "local"):
             raise ValueError(f"itm_negatives must be 'global' or 'local', got {self.itm_negatives!r}")
         if not 0.0 <= self.momentum <= 1.0 or not 0.0 <= self.alpha <= 1.0:
@@ -147,64 +96,12 @@ class ALBEFConfig:
         if min(self.itc_weight, self.itm_weight, self.mlm_weight) < 0:
             raise ValueError("loss weights must be >= 0")
 
-    @classmethod
-    def preset(cls, name: str) -> ALBEFConfig:
-        """``"base"``: BERT-base shape (fresh, 6 text + 6 fusion layers), ViT-B/16 at 256 px (random init),
-        embed 256, queue 65,536. ``"tiny"``: packaged MiniLM split 3 text + 3 fusion layers (fusion from
-        MiniLM layers 3-5, cross-attention fresh), EfficientNet-Lite0 grid at 128 px (4 x 4 + 1 tokens,
-        projected to 384, frozen BatchNorm, ImageNet weights), embed 128, queue 1,024."""
-        if name == "base":
-            return cls()
-        if name == "tiny":
-            return cls(
-                text=TextConfig(pretrained="minilm", num_layers=3),
-                fusion=FusionConfig(num_layers=3),
-                vision=VisionConfig(kind="cnn", image_size=128, width=384, pretrained=True, freeze_bn=True),
-                embed_dim=128,
-                queue_size=1024,
-                pooling="mean",
-            )
-        raise KeyError(f"unknown ALBEF preset {name!r} (known: 'base', 'tiny')")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ALBEFConfig:
-        """Build from a (nested) dict: ``{"preset": "tiny", "vision": {"image_size": 96}}``; without
-        ``"preset"`` the overrides apply to the base preset. ``from_dict(c.to_dict()) == c``."""
-        return config_from_dict(cls(), d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, nested dataclasses as dicts (what a run records beside its outputs)."""
-        return dataclasses.asdict(self)
+ALBEFConfig.PRESETS = {"base": ALBEFConfig, "tiny": lambda: ALBEFConfig(embed_dim=128, queue_size=1024)}
 
 
-class Encoders(NamedTuple):
-    """The encoders a downstream model fine-tunes (what :class:`VQAClassifier` takes)."""
-
-    vision_encoder: VisionEncoder
-    text_encoder: TextEncoder
-    fusion: FusionEncoder
-
-
-def build_encoders(cfg: ALBEFConfig) -> tuple[Encoders, MLMHead, dict[str, list[str]]]:
-    """Vision, text and fusion encoders plus the tied MLM head; the third item lists fresh parameters."""
-    vision = build_vision_encoder(cfg.vision)
-    text, fusion, head, fresh = build_text_stack(cfg.text, cfg.fusion, vision.width)
-    return Encoders(vision, text, fusion), head, fresh
-
-
-def _global_mean_scale(count: torch.Tensor) -> torch.Tensor:
-    """Factor turning a mean over this rank's ``count`` items into its share of the global mean.
-
-    ``local_mean * count * W / global_count``: averaged over the W ranks (as DDP averages gradients) this is
-    the mean over all items of the global batch. Exactly 1.0 in a single process.
-    """
-    count = count.detach().float().clamp(min=1).reshape(1)
-    total = gather_features(count, with_grad=False).sum().clamp(min=1)
-    return count[0] * world_size() / total
-
-
-class ALBEF(ImageInputs, nn.Module):
-    """ALBEF pre-training model (ITC + ITM + MLM, momentum distillation).
+class ALBEF(Recipe):
+    """ALBEF pre-training (ITC + ITM + MLM, momentum distillation) on a dual-stream backbone.
 
     Inputs follow the project's pre-training batch contract (``pixel_values``, ``input_ids``,
     ``attention_mask``, ``mlm_input_ids``, ``mlm_labels``, ``image_key``; see the data package). Image keys
@@ -215,34 +112,62 @@ class ALBEF(ImageInputs, nn.Module):
     features with the image keys. In eval mode the losses are computed without touching the momentum model
     or the queues. The momentum modules follow the online model's train/eval mode (dropout included, as in
     the reference).
-
-    Attributes:
-        init_report: parameter names per part that did not come from a checkpoint, for the run log.
     """
 
-    def __init__(self, config: ALBEFConfig) -> None:
+    retrieval_losses: ClassVar[tuple[str, ...]] = ("itc", "itm")
+
+    def __init__(self, config: ALBEFConfig, backbone: DualStreamBackbone) -> None:
         super().__init__()
+        if not isinstance(backbone, DualStreamBackbone):
+            raise TypeError(f"ALBEF needs a dual_stream backbone, got {type(backbone).__name__}")
         self.config = config
-        encoders, head, fresh = build_encoders(config)
-        self.vision_encoder = encoders.vision_encoder
-        self.text_encoder = encoders.text_encoder
-        self.fusion = encoders.fusion
-        self.mlm_head = head
-        width_v, width_t = self.vision_encoder.width, self.text_encoder.width
-        self.vision_proj = nn.Linear(width_v, config.embed_dim)
-        self.text_proj = nn.Linear(width_t, config.embed_dim)
-        self.itm_head = ITMHead(width_t)
+        self.backbone = backbone
+        self.vision_proj = nn.Linear(backbone.image_width, config.embed_dim)
+        self.text_proj = nn.Linear(backbone.text_width, config.embed_dim)
+        self.itm_head = ITMHead(backbone.width)
         for lin in (self.vision_proj, self.text_proj, self.itm_head.proj):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
         self.temp = Temperature(config.temp_init, config.temp_min, config.temp_max)
         self.itc = ContrastiveLoss(gather_with_grad=False, local_loss=True)
-        # One deep copy of all parts together keeps the MLM decoder tied to the momentum word embeddings.
-        self.momentum = momentum_copy(self._online())
+        # ALBEF's model_pairs: the "text encoder" there is BertForMaskedLM, i.e. the text layers, the fusion
+        # layers and the MLM head, which the momentum MLM targets need.
+        self.momentum = MomentumTwin(self._online(), config.momentum)
         self.image_queue = FeatureQueue(config.embed_dim, config.queue_size)
         self.text_queue = FeatureQueue(config.embed_dim, config.queue_size)
-        self.init_report = {**fresh, "heads": ["vision_proj", "text_proj", "itm_head"]}
+        self.init_report = {**backbone.init_report, "heads": ["vision_proj", "text_proj", "itm_head"]}
         self._freeze_unused_()
+
+    # -- the parts (short names for the backbone's modules)
+    @property
+    def vision_encoder(self) -> nn.Module:
+        return self.backbone.vision_encoder
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.backbone.text_encoder
+
+    @property
+    def fusion(self) -> nn.Module:
+        return self.backbone.fusion
+
+    @property
+    def mlm_head(self) -> nn.Module:
+        return self.backbone.mlm_head
+
+    def _online(self) -> nn.ModuleDict:
+        """The online twins of the momentum parts, in order (parameters pair up one to one)."""
+        b = self.backbone
+        return nn.ModuleDict(
+            {
+                "vision_encoder": b.vision_encoder,
+                "vision_proj": self.vision_proj,
+                "text_encoder": b.text_encoder,
+                "text_proj": self.text_proj,
+                "fusion": b.fusion,
+                "mlm_head": b.mlm_head,
+            }
+        )
 
     def _freeze_unused_(self) -> None:
         """Freeze the parameters that no loss reaches when a loss weight is 0 (e.g. the MLM head in retrieval
@@ -263,32 +188,25 @@ class ALBEF(ImageInputs, nn.Module):
             for p in params:
                 p.requires_grad_(False)
 
-    def _online(self) -> nn.ModuleDict:
-        """The online twins of the momentum parts, in the same order (parameters pair up one to one)."""
-        return nn.ModuleDict({name: getattr(self, name) for name in _MOMENTUM_PARTS})
-
     # --------------------------------------------------------------------------------- retrieval helpers
 
     def image_embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 3, S, S)`` -> ``(tokens (B, 1+N, Dv), feats (B, E) L2-normalised)``."""
-        tokens = self.vision_encoder(pixel_values)
-        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+        image = self.backbone.encode_image(pixel_values)
+        return image.tokens, F.normalize(self.vision_proj(image.pooled), dim=-1)
 
     def text_embed(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L)`` ids and mask -> ``(hidden (B, L, H), feats (B, E) L2-normalised)``."""
-        hidden = self.text_encoder(input_ids, attention_mask)
-        return hidden, F.normalize(
-            self.text_proj(pool_text(hidden, attention_mask, self.config.pooling)), dim=-1
-        )
+        text = self.backbone.encode_text(input_ids, attention_mask)
+        return text.hidden, F.normalize(self.text_proj(text.pooled), dim=-1)
 
     def itm_logits(
         self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """Fused pass on paired rows: ``(N, 1+N_img, Dv), (N, L, H), (N, L)`` -> ``(N, 2)`` match logits."""
-        fused = self.fusion(text_hidden, text_mask, image_tokens)
-        return self.itm_head(pool_text(fused, text_mask, self.config.pooling))
+        return self.itm_head(self.backbone.fuse_states(image_tokens, text_hidden, text_mask).pooled)
 
     def itm_scores(
         self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
@@ -316,14 +234,14 @@ class ALBEF(ImageInputs, nn.Module):
     @torch.no_grad()
     def sync_momentum_(self) -> None:
         """Set the momentum model to a copy of the online weights (keeps it frozen)."""
-        copy_params_(self.momentum, self._online())
+        self.momentum.sync_(self._online())
 
     # ------------------------------------------------------------------------------------------ training
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """``momentum <- m * momentum + (1 - m) * online`` for every momentum parameter."""
-        ema_update_(self.momentum, self._online(), self.config.momentum)
+        self.momentum.update_(self._online())
 
     def after_optimizer_step(self) -> None:
         """Clamp the temperature into its range (call after every optimiser step)."""
@@ -331,9 +249,7 @@ class ALBEF(ImageInputs, nn.Module):
 
     def itm_seed(self, step: int, rank_: int = 0) -> int:
         """Seed of the ITM negative sampling at ``step`` (``rank_`` only matters for local negatives)."""
-        # Large odd multipliers spread (seed, step, rank) over the 63-bit range.
-        mixed = self.config.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank_ * 0x94D049BB133111EB
-        return mixed % (2**63 - 1)
+        return step_seed(self.config.seed, step, rank_)
 
     def sample_itm_negatives(
         self,
@@ -357,73 +273,6 @@ class ALBEF(ImageInputs, nn.Module):
         gen = torch.Generator(device=sim_i2t.device).manual_seed(seed)
         return sample_hard_negatives(sim_i2t, sim_t2i, same, generator=gen)
 
-    def _itm(
-        self,
-        image_tokens: torch.Tensor,
-        text_hidden: torch.Tensor,
-        attention_mask: torch.Tensor,
-        feats: dict[str, torch.Tensor],
-        image_key: torch.Tensor,
-        step: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM loss and accuracy (over valid rows) on ``[positives; text + neg image; neg text + image]``."""
-        batch = image_tokens.shape[0]
-        n_world = world_size()
-        if self.config.itm_negatives == "local":
-            neg = self.sample_itm_negatives(
-                feats["image"],
-                feats["text"],
-                feats["image_m"],
-                feats["text_m"],
-                image_key,
-                self.itm_seed(step, rank()),
-            )
-            pairs = build_itm_pairs(neg)
-            tokens_all, hidden_all, mask_all = image_tokens, text_hidden, attention_mask
-            scale = None
-        else:
-            # Pad the text to the longest batch of any rank: all_gather needs one shape; padding is masked.
-            length = text_hidden.shape[1]
-            if n_world > 1:
-                lengths = gather_features(torch.tensor([length], device=text_hidden.device), with_grad=False)
-                longest = int(lengths.max())
-                if longest > length:
-                    text_hidden = F.pad(text_hidden, (0, 0, 0, longest - length))
-                    attention_mask = F.pad(attention_mask, (0, longest - length))
-            gathered = {k: gather_features(v.detach(), with_grad=False) for k, v in feats.items()}
-            key_all = gather_features(image_key, with_grad=False)
-            neg = self.sample_itm_negatives(
-                gathered["image"],
-                gathered["text"],
-                gathered["image_m"],
-                gathered["text_m"],
-                key_all,
-                self.itm_seed(step),
-            )
-            lo, hi = rank() * batch, (rank() + 1) * batch
-            mine = HardNegatives(
-                image_for_text=neg.image_for_text[lo:hi],
-                text_for_image=neg.text_for_image[lo:hi],
-                image_valid=neg.image_valid[lo:hi],
-                text_valid=neg.text_valid[lo:hi],
-                offset=lo,
-            )
-            pairs = build_itm_pairs(mine)
-            tokens_all = gather_features(image_tokens, with_grad=True)
-            hidden_all = gather_features(text_hidden, with_grad=True)
-            mask_all = gather_features(attention_mask, with_grad=False)
-            scale = _global_mean_scale((pairs.labels != -100).sum())
-        logits = self.itm_logits(
-            tokens_all[pairs.image_idx], hidden_all[pairs.text_idx], mask_all[pairs.text_idx]
-        )
-        loss = itm_loss(logits, pairs.labels)
-        if scale is not None:
-            loss = loss * scale
-        valid = pairs.labels != -100
-        correct = (logits.argmax(dim=1) == pairs.labels) & valid
-        acc = correct.sum().float() / valid.sum().clamp(min=1)
-        return loss, acc.detach()
-
     def _mlm(
         self,
         batch: dict[str, torch.Tensor],
@@ -446,21 +295,32 @@ class ALBEF(ImageInputs, nn.Module):
                 hidden_m = m["fusion"](m["text_encoder"](ids, mask), mask, image_tokens_m)
                 logits_m = m["mlm_head"](hidden_m[selected])
         loss = mlm_distill_loss(logits, labels[selected], logits_m, alpha)
-        return loss * _global_mean_scale(selected.sum())
+        return loss * global_mean_scale(selected.sum())
 
-    def forward(self, batch: dict[str, torch.Tensor], *, step: int, steps_per_epoch: int) -> ModelOutput:
-        """Losses for one (local) batch.
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int,
+        steps_per_epoch: int,
+        kind: str = "pair",
+        stage: str | None = None,
+    ) -> ModelOutput:
+        """Losses for one (local) paired batch.
 
         Args:
             batch: the pre-training batch (see the class docstring).
             step: global optimisation step from 0 (alpha ramp, ITM sampling seed).
             steps_per_epoch: optimisation steps per epoch (alpha ramp).
+            kind, stage: ALBEF consumes ``"pair"`` batches only, in one stage.
 
         Returns:
             :class:`ModelOutput` with ``loss = itc_weight * ITC + itm_weight * ITM + mlm_weight * MLM`` and
             metrics ``loss_itc``, ``loss_itm``, ``loss_mlm`` (the parts that run), ``alpha``, ``temp``,
             ``itm_acc``.
         """
+        if kind != "pair":
+            raise ValueError(f"ALBEF trains on paired batches, got a {kind!r} batch")
         cfg = self.config
         pixel_values = batch["pixel_values"]
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -478,7 +338,7 @@ class ALBEF(ImageInputs, nn.Module):
             image_tokens_m = m["vision_encoder"](pixel_values)
             image_feat_m = F.normalize(m["vision_proj"](image_tokens_m[:, 0]), dim=-1)
             text_hidden_m = m["text_encoder"](input_ids, attention_mask)
-            pooled_m = pool_text(text_hidden_m, attention_mask, cfg.pooling)
+            pooled_m = pool_text(text_hidden_m, attention_mask, self.backbone.config.pooling)
             text_feat_m = F.normalize(m["text_proj"](pooled_m), dim=-1)
 
         metrics: dict[str, torch.Tensor] = {}
@@ -499,11 +359,24 @@ class ALBEF(ImageInputs, nn.Module):
             total = total + cfg.itc_weight * itc.loss
             metrics["loss_itc"] = itc.loss.detach()
         if cfg.itm_weight > 0:
-            feats = {"image": image_feat, "text": text_feat, "image_m": image_feat_m, "text_m": text_feat_m}
-            loss_itm, acc = self._itm(image_tokens, text_hidden, attention_mask, feats, image_key, step)
-            total = total + cfg.itm_weight * loss_itm
-            metrics["loss_itm"] = loss_itm.detach()
-            metrics["itm_acc"] = acc
+            local = cfg.itm_negatives == "local"
+            itm = hard_negative_itm(
+                self.itm_logits,
+                image_tokens,
+                text_hidden,
+                attention_mask,
+                image_query=image_feat,
+                text_query=text_feat,
+                image_key=image_feat_m,
+                text_key=text_feat_m,
+                temperature=temp,
+                ids=image_key,
+                seed=self.itm_seed(step, rank() if local else 0),
+                negatives=cfg.itm_negatives,
+            )
+            total = total + cfg.itm_weight * itm.loss
+            metrics["loss_itm"] = itm.loss.detach()
+            metrics["itm_acc"] = itm.accuracy
         if cfg.mlm_weight > 0:
             loss_mlm = self._mlm(batch, image_tokens, image_tokens_m, alpha)
             total = total + cfg.mlm_weight * loss_mlm
@@ -519,3 +392,6 @@ class ALBEF(ImageInputs, nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"embed_dim={c.embed_dim}, queue={c.queue_size}, itm_negatives={c.itm_negatives!r}"
+
+
+register_recipe(ALBEFConfig, ALBEF, "dual_stream")

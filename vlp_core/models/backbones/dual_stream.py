@@ -1,0 +1,133 @@
+"""Dual-stream backbone: an image encoder, a text encoder and cross-attention fusion layers (ALBEF)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_backbone
+from vlp_core.models.fusion import FusionConfig, build_text_stack
+from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
+from vlp_core.models.text import TextConfig, pool_text
+from vlp_core.models.vision import CNNGridEncoder, VisionConfig, build_vision_encoder
+
+__all__ = ["DualStreamBackbone", "DualStreamConfig"]
+
+
+@dataclass
+class DualStreamConfig(BackboneConfig):
+    """Image encoder + text encoder + fusion layers with cross-attention to the image tokens.
+
+    The defaults are the ``"base"`` preset (BERT-base shape, fresh, 6 text + 6 fusion layers; ViT-B/16 at
+    256 px, random init). ``"tiny"``: the packaged MiniLM split 3 text + 3 fusion layers (fusion from MiniLM
+    layers 3-5, cross-attention fresh), EfficientNet-Lite0 grid at 128 px (4 x 4 + 1 tokens, projected to
+    384, frozen BatchNorm, ImageNet weights), mean pooling.
+
+    Args:
+        text, fusion, vision: the encoders (see their docstrings).
+        pooling: how a text (and a fused) sequence becomes one vector: ``"cls"`` (ALBEF) or ``"mean"`` over
+            the text tokens (the tiny preset: MiniLM's [CLS] state is nearly the same for every sentence,
+            see :func:`pool_text`).
+    """
+
+    registry_kind: ClassVar[str] = "dual_stream"
+
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    pooling: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+
+
+DualStreamConfig.PRESETS = {
+    "base": DualStreamConfig,
+    "tiny": lambda: DualStreamConfig(
+        text=TextConfig(pretrained="minilm", num_layers=3),
+        fusion=FusionConfig(num_layers=3),
+        vision=VisionConfig(kind="cnn", image_size=128, width=384, pretrained=True, freeze_bn=True),
+        pooling="mean",
+    ),
+}
+
+
+class DualStreamBackbone(Backbone):
+    """``vision_encoder`` + ``text_encoder`` + ``fusion`` (+ the tied ``mlm_head`` a recipe may use).
+
+    The MLM head lives here because it is tied to the text encoder's word embeddings: a recipe that trains
+    MLM reads :attr:`mlm_head`; one that does not simply never calls it (and freezes it).
+
+    Attributes:
+        init_report: parameter names per part that did not come from a checkpoint, for the run log.
+    """
+
+    def __init__(self, config: DualStreamConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_encoder = build_vision_encoder(config.vision)
+        text, fusion, head, fresh = build_text_stack(config.text, config.fusion, self.vision_encoder.width)
+        self.text_encoder = text
+        self.fusion = fusion
+        self.mlm_head = head
+        self.init_report = fresh
+        self.width = self.text_width = text.width
+        self.image_width = self.vision_encoder.width
+
+    # -- interface
+    def encode_image(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None) -> ImageFeatures:
+        if mask is not None:
+            raise NotImplementedError("the dual-stream backbone has no image mask token")
+        tokens = self.vision_encoder(pixel_values)
+        return ImageFeatures(tokens=tokens, pooled=tokens[:, 0])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        hidden = self.text_encoder(input_ids, attention_mask)
+        return TextFeatures(hidden, attention_mask, pool_text(hidden, attention_mask, self.config.pooling))
+
+    def fuse_states(
+        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
+    ) -> PairFeatures:
+        """Fusion on tensors: ``(N, 1+N_img, Dv), (N, L, H), (N, L)`` -> fused features."""
+        fused = self.fusion(text_hidden, text_mask, image_tokens)
+        return PairFeatures(
+            hidden=fused, pooled=pool_text(fused, text_mask, self.config.pooling), text_slice=slice(None)
+        )
+
+    def encode_pair(self, image: ImageFeatures, text: TextFeatures) -> PairFeatures:
+        return self.fuse_states(image.tokens, text.hidden, text.mask)
+
+    # -- data / optimiser
+    @property
+    def image_size(self) -> int:
+        return self.vision_encoder.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.vision_encoder.mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.vision_encoder.std
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        grid = getattr(self.vision_encoder, "grid", None)
+        return (grid, grid) if grid else None
+
+    def param_roles(self) -> dict[str, list[nn.Module]]:
+        roles = {
+            "vision": [self.vision_encoder],
+            "text": [self.text_encoder, self.mlm_head],
+            "fusion": [self.fusion],
+        }
+        if isinstance(self.vision_encoder, CNNGridEncoder):
+            roles["vision_pretrained"] = [self.vision_encoder.backbone]
+        return roles
+
+
+register_backbone(DualStreamConfig, DualStreamBackbone)

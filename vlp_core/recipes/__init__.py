@@ -1,0 +1,44 @@
+"""Recipes: how a backbone is pre-trained (objectives and weights, batch kinds, stages), one per method.
+
+A method is a registered recipe plus its default backbone kind. Adding one means a new module here that
+defines a config (a :class:`RecipeConfig` dataclass with presets), a :class:`Recipe` and a
+``register_recipe`` call, imported below; nothing in the trainer changes.
+
+- ``albef`` (:class:`ALBEF`, dual-stream): ITC with momentum distillation and queues, ITM on global hard
+  negatives, MLM distilled from the momentum model.
+- ``vlmo`` (:class:`VLMo`, multiway): stagewise vision (MIM) -> language (MLM, attention and vision experts
+  frozen) -> vision-language (two-head ITC, ITM on global hard negatives, MLM 0.25).
+- ``flava`` (:class:`FLAVA`, flava): MIM, MLM, global contrastive, MMM and ITM, round-robin over image-only,
+  text-only and paired batches.
+"""
+
+from vlp_core.recipes.albef import ALBEF, ALBEFConfig
+from vlp_core.recipes.base import (
+    RECIPES,
+    Recipe,
+    RecipeConfig,
+    Stage,
+    build_recipe,
+    default_backbone_kind,
+    recipe_config,
+    register_recipe,
+)
+from vlp_core.recipes.flava import FLAVA, FLAVAConfig
+from vlp_core.recipes.vlmo import VLMo, VLMoConfig
+
+__all__ = [
+    "ALBEF",
+    "FLAVA",
+    "RECIPES",
+    "ALBEFConfig",
+    "FLAVAConfig",
+    "Recipe",
+    "RecipeConfig",
+    "Stage",
+    "VLMo",
+    "VLMoConfig",
+    "build_recipe",
+    "default_backbone_kind",
+    "recipe_config",
+    "register_recipe",
+]

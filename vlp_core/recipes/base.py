@@ -1,0 +1,201 @@
+"""The recipe interface (how a backbone is pre-trained), stages, and the recipe registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlp_core.models.backbones import Backbone, BackboneConfig, build_backbone
+from vlp_core.models.configs import PresetConfig
+from vlp_core.models.outputs import ModelOutput
+
+__all__ = [
+    "default_backbone_kind",
+    "RECIPES",
+    "Recipe",
+    "RecipeConfig",
+    "Stage",
+    "build_recipe",
+    "recipe_config",
+    "register_recipe",
+]
+
+
+@dataclass
+class Stage:
+    """One stage of pre-training: which batch kinds it draws, how, for how long, and what trains.
+
+    Attributes:
+        name: shown in logs and recorded in checkpoints.
+        steps: optimiser steps; ``None`` = the rest of ``max_steps`` (only the last stage).
+        kinds: batch kinds drawn in this stage (``"pair"``, ``"image"``, ``"text"``, ...).
+        mixing: ``"round_robin"`` (kinds in turn, one per step) or ``"weighted"`` (a kind per step drawn
+            with ``weights`` from a generator seeded by the step, so every rank draws the same).
+        weights: kind -> sampling weight for ``"weighted"``.
+        trainable: model -> the modules (or parameters) that train in this stage, chosen structurally (by
+            module, never by parameter-name patterns); ``None`` = everything. The rest keeps
+            ``requires_grad=False`` for the stage and the optimiser holds only the trainable parameters.
+    """
+
+    name: str
+    steps: int | None
+    kinds: tuple[str, ...] = ("pair",)
+    mixing: str = "round_robin"
+    weights: dict[str, float] = field(default_factory=dict)
+    trainable: Callable[[nn.Module], list[nn.Module | nn.Parameter]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mixing not in ("round_robin", "weighted"):
+            raise ValueError(
+                f"stage {self.name}: mixing must be round_robin or weighted, got {self.mixing!r}"
+            )
+        if not self.kinds:
+            raise ValueError(f"stage {self.name} draws no batch kind")
+        if self.mixing == "weighted":
+            missing = set(self.kinds) - set(self.weights)
+            if (
+                missing
+                or any(self.weights[k] < 0 for k in self.kinds)
+                or not sum(self.weights[k] for k in self.kinds)
+            ):
+                raise ValueError(f"stage {self.name}: weights {self.weights} do not cover kinds {self.kinds}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"stage {self.name}: steps must be >= 1, got {self.steps}")
+
+
+class RecipeConfig(PresetConfig):
+    """Base of recipe configs (dataclasses). ``registry_name`` is the registry key; fields named
+    ``<loss>_weight`` are the loss weights (a task may zero the ones it does not train)."""
+
+    registry_name: ClassVar[str] = ""
+
+    def loss_weights(self) -> dict[str, float]:
+        return {
+            f.name[: -len("_weight")]: getattr(self, f.name)
+            for f in fields(self)
+            if f.name.endswith("_weight")
+        }  # type: ignore[arg-type]
+
+
+class Recipe(nn.Module):
+    """How a backbone is pre-trained: heads, objectives, batch kinds and stages around ``self.backbone``.
+
+    A recipe's ``forward(batch, *, step, steps_per_epoch, kind="pair", stage=None)`` returns a
+    :class:`ModelOutput`; the trainer calls it with the batch kind and stage name it drew. Retrieval
+    evaluation uses :meth:`image_embed`, :meth:`text_embed` and (if the recipe has ITM) :meth:`itm_scores`.
+
+    Attributes:
+        backbone: the :class:`Backbone` (fine-tuning tasks load ``backbone.*`` weights from a run).
+        batch_kinds: the batch kinds the recipe consumes.
+    """
+
+    config: Any
+    backbone: Backbone
+    batch_kinds: ClassVar[tuple[str, ...]] = ("pair",)
+    #: the losses retrieval fine-tuning trains by default (the task may name others).
+    retrieval_losses: ClassVar[tuple[str, ...]] = ("itc",)
+    #: state-dict prefixes that are training machinery (momentum twins, queues, MIM targets), not weights.
+    machinery: ClassVar[tuple[str, ...]] = ()
+
+    # -- stages and training hooks
+    def stages(self, max_steps: int) -> list[Stage]:
+        """The recipe's stages (default: one stage over every step, drawing :attr:`batch_kinds` in turn)."""
+        return [Stage("main", None, kinds=self.batch_kinds)]
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (e.g. clamp a temperature)."""
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        return self.backbone.ddp_kwargs()
+
+    def param_roles(self) -> dict[str, list[nn.Module]]:
+        """Named module groups for ``optim.lr_mult``: the backbone's roles (heads belong to none)."""
+        return self.backbone.param_roles()
+
+    # -- fine-tuning hand-off
+    def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights worth starting from: everything but training machinery (:attr:`machinery`)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.machinery)}
+
+    def load_pretrained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the weights of a run of the same recipe, strictly (machinery entries are ignored)."""
+        online = {k: v for k, v in state.items() if not k.startswith(self.machinery)}
+        missing, unexpected = self.load_state_dict(online, strict=False)
+        missing = [k for k in missing if not k.startswith(self.machinery)]
+        if missing or unexpected:
+            raise KeyError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    # -- data-side facts
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.backbone.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.backbone.image_std
+
+    def forward(  # pragma: no cover - abstract
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        step: int,
+        steps_per_epoch: int,
+        kind: str = "pair",
+        stage: str | None = None,
+    ) -> ModelOutput:
+        raise NotImplementedError
+
+
+@dataclass
+class _Entry:
+    config: type[RecipeConfig]
+    recipe: type[Recipe]
+    backbone_kind: str
+
+
+#: recipe (method) name -> its config class, recipe class and default backbone kind.
+RECIPES: dict[str, _Entry] = {}
+
+
+def register_recipe(config_cls: type[RecipeConfig], recipe_cls: type[Recipe], backbone_kind: str) -> None:
+    name = config_cls.registry_name
+    if not name or name in RECIPES:
+        raise KeyError(f"recipe {name!r} is empty or already registered")
+    RECIPES[name] = _Entry(config_cls, recipe_cls, backbone_kind)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r} (known: {sorted(RECIPES)})") from None
+
+
+def recipe_config(name: str, overrides: dict[str, Any] | None = None, *, preset: str | None = None) -> Any:
+    """The typed config of recipe ``name``: ``preset`` (or defaults) + nested ``overrides``."""
+    d = dict(overrides or {})
+    if preset is not None and "preset" not in d:
+        d["preset"] = preset
+    return _entry(name).config.from_dict(d)
+
+
+def default_backbone_kind(name: str) -> str:
+    return _entry(name).backbone_kind
+
+
+def build_recipe(name: str, config: Any, backbone: Backbone | BackboneConfig | dict[str, Any]) -> Recipe:
+    """Recipe ``name`` with its typed ``config`` around ``backbone`` (built when given a config)."""
+    entry = _entry(name)
+    if not isinstance(backbone, Backbone):
+        backbone = build_backbone(backbone)
+    if not isinstance(config, entry.config):
+        config = entry.config.from_dict(config)
+    return entry.recipe(config, backbone)
