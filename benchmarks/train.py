@@ -1,28 +1,37 @@
 """Training benchmark: a plain PyTorch training step vs. data loading alone vs. the project's trainer.
 
-Tiny ALBEF (``configs/train/albef_tiny.yaml``) on CPU, on the retrieved pairs of an existing corpus store.
-Three stages, each in its own child process (this script re-run with the hidden ``--stage`` flag), so each
-stage's peak RSS (``VmHWM``) is its own. Model building, data indexing and ``--warmup`` steps come before
-the clock; ``--steps`` steps are measured.
+A tiny pre-training preset on CPU (``--method albef|vlmo|flava`` → ``configs/train/<method>_tiny.yaml``,
+default ALBEF), on the retrieved pairs of an existing corpus store. Every stage times the method's PAIRED
+step: VLMo runs with ``recipe.vision_steps=0 recipe.language_steps=0`` (only its vision-language stage) and
+FLAVA with ``recipe.mixing=weighted recipe.mix_weights={image: 0, text: 0, pair: 1}`` (only paired batches),
+in all three stages; ALBEF draws only pairs anyway. Three stages, each in its own child process (this script
+re-run with the hidden ``--stage`` flag), so each stage's peak RSS (``VmHWM``) is its own. Model building,
+data indexing and ``--warmup`` steps come before the clock; ``--steps`` steps are measured.
 
-1. ``plain-step``  the plain-library baseline: the same ALBEF model (built by ``build_job``, as the trainer
-                   builds it), ONE pre-collated batch reused every step, and a bare loop of
-                   ``model(batch)`` → ``loss.backward()`` → ``torch.optim.AdamW.step()`` →
-                   ``zero_grad()``. No data loading, no scheduler, no clipping, no logging.
-2. ``data-only``   no model: ``DataLoader(PairDataset, batch_size, sampler=ResumableSampler,
-                   collate_fn=PretrainCollator, num_workers=--num-workers)`` built and iterated the way the
-                   trainer does it (a new loader per epoch, ``sampler.advance()`` per batch).
-3. ``trainer``     ``vlp_core.train.trainer.train(config, build_job)`` in the child, into a temporary
+1. ``plain-step``  the plain-library baseline: the same model (``spec.model`` of
+                   ``vlp_core.tasks.build_spec``, as the trainer builds it), ONE pre-collated batch of the
+                   ``pair`` stream reused every step, and a bare loop of ``model(batch, step=,
+                   steps_per_epoch=, kind="pair", stage=<the stage drawing pairs>)`` → ``loss.backward()`` →
+                   ``torch.optim.AdamW.step()`` → ``zero_grad()`` over every parameter that requires a
+                   gradient (the paired stage of each recipe trains everything). No data loading, no
+                   scheduler, no clipping, no logging.
+2. ``data-only``   no model: the pretrain task's pair stream (``vlp_core.tasks.pretrain.pair_stream``:
+                   ``PairDataset`` + ``PretrainCollator``) in ``DataLoader(batch_size,
+                   sampler=ResumableSampler, num_workers=--num-workers)``, built and iterated the way the
+                   trainer does it (a new loader per epoch, ``sampler.advance()`` per batch). The input size
+                   and normalisation come from the backbone config (nothing is built).
+3. ``trainer``     ``vlp_core.train.trainer.train(config, build_spec)`` in the child, into a temporary
                    ``run_dir``, with ``log_every=1``, ``checkpoint_every`` past the end of the run and the
-                   task's evaluation switched off. Throughput and the fraction of time spent waiting on data
-                   come from the ``samples_per_s`` and ``data_time_frac`` of ``metrics.jsonl`` per step.
+                   task's evaluation switched off (``spec.evaluate = None``). Throughput and the fraction of
+                   time spent waiting on data come from the ``samples_per_s`` and ``data_time_frac`` of
+                   ``metrics.jsonl`` per step.
 
 ``samples/s`` is the median over the measured steps (batches for ``data-only``); ``vs plain-step`` is its
 ratio to the baseline's. Timings on a shared machine vary from run to run.
 
     .venv/bin/python benchmarks/train.py --data-dir /path/to/data
-    .venv/bin/python benchmarks/train.py --batch-size 32 --steps 20 --num-workers 2 --json
-    .venv/bin/python benchmarks/train.py --set model.queue_size=256 --stages plain-step,trainer
+    .venv/bin/python benchmarks/train.py --method vlmo --batch-size 32 --steps 20 --num-workers 2 --json
+    .venv/bin/python benchmarks/train.py --set recipe.queue_size=256 --stages plain-step,trainer
 """
 
 from __future__ import annotations
@@ -56,6 +65,13 @@ from benchmarks.common import (  # noqa: E402
 
 STAGES = ("plain-step", "data-only", "trainer")
 BASELINE = "plain-step"
+METHODS = ("albef", "vlmo", "flava")
+#: overrides that make every step of a method's run a paired step (applied before ``--set``)
+PAIR_ONLY: dict[str, dict[str, Any]] = {
+    "albef": {},
+    "vlmo": {"recipe.vision_steps": 0, "recipe.language_steps": 0},
+    "flava": {"recipe.mixing": "weighted", "recipe.mix_weights": {"image": 0, "text": 0, "pair": 1}},
+}
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -71,25 +87,35 @@ def _config(spec: dict[str, Any]):
     return load_train_config(spec["config"], spec["overrides"])
 
 
+def _pair_stage(train_spec: Any) -> Any:
+    """The (last) stage that draws paired batches: the one the benchmark times."""
+    stages = [s for s in train_spec.stages if "pair" in s.kinds]
+    if not stages or "pair" not in train_spec.streams:
+        raise ValueError("the run has no stage drawing paired batches")
+    return stages[-1]
+
+
 def _stage_plain(spec: dict[str, Any]) -> dict[str, Any]:
     import itertools
 
     import torch
-    from vlp_core.train.tasks import build_job
 
     from vlp_core.data import ResumableSampler
+    from vlp_core.tasks import build_spec
     from vlp_core.train.trainer import DistEnv
 
     config = _config(spec)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    torch.manual_seed(config.seed)  # as train() does before build_job: the same initial weights
-    job = build_job(config, env)
-    sampler = ResumableSampler(len(job.dataset), global_batch=config.batch_size, seed=config.seed)
-    keys = list(itertools.islice(iter(sampler), config.batch_size))  # the trainer's first batch
-    batch = job.collate([job.dataset[k] for k in keys])
-    steps_per_epoch = sampler.batches_per_epoch
-    model = job.model
-    del job  # the dataset, tokenizer and evaluation closure: the baseline keeps only model + batch
+    torch.manual_seed(config.seed)  # as train() does before build_spec: the same initial weights
+    train_spec = build_spec(config, env)
+    stage = _pair_stage(train_spec).name
+    stream = train_spec.streams["pair"]
+    sampler = ResumableSampler(len(stream.dataset), global_batch=config.batch_size, seed=config.seed)
+    keys = list(itertools.islice(iter(sampler), config.batch_size))  # the trainer's first paired batch
+    batch = stream.collate([stream.dataset[k] for k in keys])
+    steps_per_epoch = sampler.batches_per_epoch  # as the trainer's when every step draws pairs
+    model = train_spec.model
+    del train_spec, stream  # datasets, tokenizer, evaluation closure: the baseline keeps only model + batch
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
 
@@ -101,7 +127,7 @@ def _stage_plain(spec: dict[str, Any]) -> dict[str, Any]:
         if step == warmup:
             rss0, cpu0 = peak_rss_mb(), time.process_time()
         t0 = time.perf_counter()
-        out = model(batch, step=step, steps_per_epoch=steps_per_epoch)
+        out = model(batch, step=step, steps_per_epoch=steps_per_epoch, kind="pair", stage=stage)
         t1 = time.perf_counter()
         out.loss.backward()
         t2 = time.perf_counter()
@@ -119,51 +145,37 @@ def _stage_plain(spec: dict[str, Any]) -> dict[str, Any]:
         "worker_cpu_s": None,
         "phases_s": phases,
         "loss_last": float(out.loss.detach()),
+        "stage_name": stage,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_modules": sorted(
+            {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+        ),
         "rss_at_start_mb": rss0,
     }
 
 
 def _stage_data(spec: dict[str, Any]) -> dict[str, Any]:
-    """The data side of ``tasks.build_job`` (task=pretrain) and of ``train()``'s loader, without a model."""
-    import gc
+    """The pair stream of the pretrain task's ``build_spec`` and ``train()``'s loader, without a model."""
+    from types import SimpleNamespace
 
     from torch.utils.data import DataLoader
 
     from stores.shards import ShardStore
-    from vlp_core.data import (
-        PairDataset,
-        PairsConfig,
-        PretrainCollator,
-        ResumableSampler,
-        build_pair_index,
-        load_tokenizer,
-        train_transform,
-    )
-    from vlp_core.models import ALBEFConfig, build_vision_encoder
+    from vlp_core.data import PairsConfig, ResumableSampler, load_tokenizer
+    from vlp_core.tasks.pretrain import pair_stream
 
     config = _config(spec)
-    if config.method != "albef" or config.task != "pretrain":
-        raise ValueError("data-only mirrors the pretrain task of the ALBEF method")
-    # The input size and normalisation are the vision encoder's (the trainer reads them off the model).
-    vision = build_vision_encoder(
-        ALBEFConfig.from_dict({"preset": config.preset, **config.model, "seed": config.seed}).vision
-    )
-    size, mean, std = vision.image_size, vision.mean, vision.std
-    del vision
-    gc.collect()
-
+    if config.task.kind != "pretrain":
+        raise ValueError("data-only mirrors the pair stream of the pretrain task")
+    # The input size and normalisation the model would report, from the backbone config (the vision
+    # encoders take both from it), so no network is built.
+    vision = config.backbone_config().vision
+    size, (mean, std) = vision.image_size, vision.normalisation()
+    facts = SimpleNamespace(image_size=size, image_mean=mean, image_std=std)
     store = ShardStore(config.layout().store)
-    pairs = PairsConfig(**config.data.pairs)
-    index = build_pair_index(store, pairs, seed=config.seed)
-    if config.data.limit is not None:
-        index = index.slice(0, config.data.limit)
-    transform = train_transform(
-        size, mean, std, scale=tuple(config.data.crop_scale), randaugment=config.data.randaugment
-    )
-    dataset = PairDataset(store, index, transform, seed=config.seed)
-    collate = PretrainCollator(load_tokenizer(), config.data.max_len, whole_word=config.data.whole_word_mask)
+    stream, _ = pair_stream(config, store, facts, PairsConfig(**config.data.pairs), load_tokenizer())
+    dataset, collate = stream.dataset, stream.collate
     sampler = ResumableSampler(len(dataset), global_batch=config.batch_size, seed=config.seed)
 
     def batches():  # as in train()
@@ -217,8 +229,8 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     import shutil
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from vlp_core.train.tasks import build_job
 
+    from vlp_core.tasks import build_spec
     from vlp_core.train.metrics import read_metrics
     from vlp_core.train.trainer import train
 
@@ -236,12 +248,12 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     config = _config(spec)
     timings: dict[str, float] = {}
 
-    def build_job_without_eval(cfg, env):
+    def build_spec_without_eval(cfg, env):
         t0 = time.perf_counter()
-        job = build_job(cfg, env)
-        job.evaluate = None  # the task's retrieval evaluation is not part of a training step
-        timings["build_job_s"] = time.perf_counter() - t0
-        return job
+        train_spec = build_spec(cfg, env)
+        train_spec.evaluate = None  # the task's retrieval evaluation is not part of a training step
+        timings["build_spec_s"] = time.perf_counter() - t0
+        return train_spec
 
     # CPU seconds of the measured steps: from the end of the last warm-up step's optimiser step to the end
     # of the last one (this process; DataLoader workers from the monitor), read by a global optimiser hook.
@@ -257,7 +269,7 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         with ChildMonitor() as workers:
             t0 = time.perf_counter()
-            result = train(config, build_job_without_eval)
+            result = train(config, build_spec_without_eval)
             wall = time.perf_counter() - t0
         records = read_metrics(run_dir / "metrics.jsonl")
     finally:
@@ -267,6 +279,8 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"{len(marks)} optimiser steps seen, expected {total}")
     if [r["step"] for r in records] != list(range(1, total + 1)):
         raise RuntimeError(f"metrics.jsonl has steps {[r['step'] for r in records]}, expected 1..{total}")
+    if kinds := {r["kind"] for r in records if r.get("kind", "pair") != "pair"}:
+        raise RuntimeError(f"the trainer drew {sorted(kinds)} batches: only paired steps are timed")
     batch = config.batch_size
     # metrics.jsonl rounds samples_per_s to 2 decimals: a step slower than 200 s per sample logs 0.0
     if any(r["samples_per_s"] <= 0 for r in records):
@@ -281,7 +295,7 @@ def _stage_trainer(spec: dict[str, Any]) -> dict[str, Any]:
         "worker_cpu_s": workers.cpu_since(snap) if config.data.num_workers else None,
         "hook_wall_s": marks[-1][0] - marks[warmup - 1][0],
         "warmup_step_s": all_s[:warmup],
-        "build_job_s": timings.get("build_job_s"),
+        "build_spec_s": timings.get("build_spec_s"),
         "train_wall_s": wall,
         "steps_wall_s": sum(all_s),
         "epoch_at_end": records[-1]["epoch"],
@@ -362,8 +376,9 @@ def details(rows: list[dict[str, Any]], spec: dict[str, Any]) -> str:
             out.append(
                 f"  plain-step: forward {100 * ph['forward'] / total:.0f}%, backward "
                 f"{100 * ph['backward'] / total:.0f}%, AdamW step {100 * ph['optimizer'] / total:.0f}% of "
-                f"the step time; {r['parameters'] / 1e6:.1f} M parameters ({r['trainable'] / 1e6:.1f} M "
-                f"trainable, the rest the momentum model), loss {r['loss_last']:.3f} after the last step"
+                f"the step time ({r['stage_name']} stage, pair batches); {r['parameters'] / 1e6:.1f} M "
+                f"parameters ({r['trainable'] / 1e6:.1f} M trainable; frozen: "
+                f"{', '.join(r['frozen_modules']) or 'none'}), loss {r['loss_last']:.3f} after the last step"
             )
         elif r["stage"] == "data-only":
             per_sample = 1000 * r["seconds"] / r["samples"]
@@ -375,11 +390,11 @@ def details(rows: list[dict[str, Any]], spec: dict[str, Any]) -> str:
             )
         else:
             med = statistics.median(r["data_time_frac"])
-            other = r["train_wall_s"] - (r["build_job_s"] or 0.0) - r["steps_wall_s"]
+            other = r["train_wall_s"] - (r["build_spec_s"] or 0.0) - r["steps_wall_s"]
             warm = ", ".join(f"{s:.2f}" for s in r["warmup_step_s"])
             out.append(
                 f"     trainer: data_time_frac median {100 * med:.1f}% per step; train() took "
-                f"{r['train_wall_s']:.1f} s: build_job {r['build_job_s'] or 0:.1f} s, all "
+                f"{r['train_wall_s']:.1f} s: build_spec {r['build_spec_s'] or 0:.1f} s, all "
                 f"{len(r['warmup_step_s']) + len(r['step_s'])} steps {r['steps_wall_s']:.1f} s (warm-up "
                 f"steps {warm} s), other {other:.1f} s (setup, TensorBoard, final checkpoint); "
                 f"epoch {r['epoch_at_end']} at the end, loss {r['loss_last']:.3f}"
@@ -412,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="data directory with the corpus store (default $VLP_DATA_DIR or <repo>/data)",
     )
-    p.add_argument("--config", default="albef_tiny", help="training preset or YAML path (default albef_tiny)")
+    p.add_argument("--method", choices=METHODS, default="albef", help="the recipe timed (default albef)")
+    p.add_argument("--config", help="training preset or YAML path of that method (default <method>_tiny)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per step (default 16)")
     p.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="steps before the clock starts, >= 1 (default 2)")
@@ -441,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlp_core.train.config import load_train_config
 
     root = args.data_dir.expanduser().resolve() if args.data_dir else data_dir()
-    overrides: dict[str, Any] = {}
+    args.config = args.config or f"{args.method}_tiny"
+    overrides: dict[str, Any] = dict(PAIR_ONLY[args.method])
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -455,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args.config, overrides)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.method != args.method or config.task.kind != "pretrain":
+        print(
+            f"error: {args.config} is a {config.task.kind} run of {config.method}, not pretrain of "
+            f"{args.method}",
+            file=sys.stderr,
+        )
         return 2
     store = config.layout().store
     n_pairs = retrieved_pair_rows(store)
@@ -487,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     summarise(rows, args.batch_size)
     threads = sorted({r["threads"] for r in rows})
     print(
-        f"\n== {args.config} on CPU, batch {args.batch_size}: {args.warmup} warm-up + {args.steps} measured "
-        f"steps, {args.num_workers} DataLoader worker(s), torch threads {'/'.join(map(str, threads))}"
+        f"\n== {args.config} ({args.method} paired steps) on CPU, batch {args.batch_size}: {args.warmup} "
+        f"warm-up + {args.steps} measured steps, {args.num_workers} DataLoader worker(s), torch threads "
+        f"{'/'.join(map(str, threads))}"
     )
     print(table(rows))
     print(details(rows, spec))
@@ -499,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         print(json.dumps({
-            "config": args.config, "data_dir": str(root), "retrieved_pairs": n_pairs,
+            "config": args.config, "method": args.method, "data_dir": str(root), "retrieved_pairs": n_pairs,
             "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
             "num_workers": args.num_workers, "cpus": os.cpu_count(), "load_average": [load0, load1],
             "overrides": overrides, "stages": rows,

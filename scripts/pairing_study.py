@@ -9,7 +9,8 @@ the same shape and budget, over several seeds.
 Every run uses the same preset, steps, batch and learning-rate schedule, and only the clip-art images
 (``pairs.sources=[openclipart]``), so the models see the same number of samples. Each run is an ordinary
 ``python -m vlp_core.train`` run under ``<data>/runs/train/pairing-<condition>-s<seed>`` (resumable:
-re-running the study skips finished runs). Prints mean ± std over seeds of each recall.
+re-running the study skips finished runs; a run dir holding another budget is an error). Prints mean ± std
+over seeds of each recall. Run helpers shared with ``scripts/method_study.py``: ``scripts/study_runs.py``.
 
     .venv/bin/python scripts/pairing_study.py --seeds 0,1,2 --steps 120 --batch-size 16 --lr 3e-4 --parallel 2
 
@@ -22,23 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from study_runs import budget_mismatch, default_data_dir, mean_std, run_train, train_command
+
 CONDITIONS = ("no-vlp", "random", "retrieved", "known")
 METRICS = ("itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10", "itm_mean_r")
 
 
-def command(condition: str, seed: int, args: argparse.Namespace) -> list[str]:
+def run_dir(condition: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) / "runs" / "train" / f"pairing-{condition}-s{seed}"
+
+
+def overrides(condition: str, seed: int, args: argparse.Namespace) -> dict:
     mode = "retrieved" if condition == "no-vlp" else condition
-    sets = {
+    return {
         "name": f"{condition}-s{seed}",
-        "run_dir": str(Path(args.data_dir) / "runs" / "train" / f"pairing-{condition}-s{seed}"),
+        "run_dir": str(run_dir(condition, seed, args)),
         "data_dir": args.data_dir,
         "seed": seed,
         "max_steps": args.steps,
@@ -49,41 +51,26 @@ def command(condition: str, seed: int, args: argparse.Namespace) -> list[str]:
         "optim.lr": args.lr,
         "optim.min_lr": args.lr / 10,
         "data.pairs.mode": mode,
-        "data.pairs.sources": "[openclipart]",
+        "data.pairs.sources": ["openclipart"],
         "data.num_workers": 1,
         "eval.retrieval_images": args.eval_images,
         "eval.itm_rerank_k": args.itm_k,
     }
-    cmd = [sys.executable, "-m", "vlp_core.train", "--config", "albef_tiny"]
-    if condition == "no-vlp":
-        cmd.append("--eval-only")
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    return cmd
 
 
 def run_one(condition: str, seed: int, args: argparse.Namespace) -> dict:
-    run_dir = Path(args.data_dir) / "runs" / "train" / f"pairing-{condition}-s{seed}"
-    done = run_dir / "eval.json"
-    if done.exists() and (condition == "no-vlp" or (run_dir / "run.json").exists()):
-        return {"condition": condition, "seed": seed, **json.loads(done.read_text())}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    t0 = time.time()
-    log = run_dir.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.run(
-            command(condition, seed, args), cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{condition} seed {seed} failed (exit {proc.returncode}); see {log}")
-    print(f"  {condition:9s} seed {seed}: {time.time() - t0:.0f}s", flush=True)
-    return {"condition": condition, "seed": seed, **json.loads(done.read_text())}
+    no_vlp = condition == "no-vlp"
+    cmd = train_command("albef_tiny", overrides(condition, seed, args), eval_only=no_vlp)
+    metrics, _ = run_train(
+        cmd, run_dir(condition, seed, args), threads=args.threads, label=f"{condition:9s} seed {seed}",
+        eval_only=no_vlp,
+    )  # fmt: skip
+    return {"condition": condition, "seed": seed, **metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("VLP_DATA_DIR", str(REPO_ROOT / "data")))
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--steps", type=int, default=120)
@@ -102,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown conditions {sorted(unknown)}; known: {CONDITIONS}")
     jobs = [(c, s) for s in seeds for c in conditions]
+    budget = ("seed", "max_steps", "batch_size", "optim.lr", "data.pairs.mode", "eval.retrieval_images")
+    stale = [
+        f"{run_dir(c, s, args)}: {d}"
+        for c, s in jobs
+        for d in budget_mismatch(
+            run_dir(c, s, args), {k: v for k, v in overrides(c, s, args).items() if k in budget}
+        )
+    ]
+    if stale:
+        print("error: run dirs hold another budget (move them away first):\n  " + "\n  ".join(stale))
+        return 2
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda cs: run_one(*cs, args), jobs))
     if args.json:
@@ -115,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in METRICS:
         cells = []
         for c in conditions:
-            vals = [100 * r[m] for r in results if r["condition"] == c]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):6.2f} ± {sd:5.2f}")
+            mean, sd = mean_std([100 * r[m] for r in results if r["condition"] == c])
+            cells.append(f"{mean:6.2f} ± {sd:5.2f}")
         print(f"{m:{width}s}  " + "  ".join(f"{x:>14s}" for x in cells))
     return 0
 

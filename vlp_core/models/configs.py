@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+import types
+import typing
+from typing import Any, ClassVar, TypeVar, Union
 
 __all__ = ["PresetConfig", "config_from_dict"]
 
@@ -39,7 +41,29 @@ def config_from_dict(base: Any, overrides: dict[str, Any]) -> Any:
             values[key] = config_from_dict(current, value)
         else:
             values[key] = value
+    hints = typing.get_type_hints(type(base))
+    for key in overrides:
+        _check_type(type(base).__name__, key, values[key], hints.get(key))
     return type(base)(**values)
+
+
+def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
+    """Raise ``ValueError`` when ``value`` does not fit a plain field type (int, float, bool, str, their
+    optionals, lists and dicts); other annotations (nested dataclasses) are checked by their own class."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    plain = {int, float, bool, str, type(None), list, dict}
+    kinds = [typing.get_origin(o) or o for o in options]
+    if not all(k in plain for k in kinds):
+        return
+    ok = any(
+        (k is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (k is int and isinstance(value, int) and not isinstance(value, bool))
+        or (k not in (int, float) and isinstance(value, k))
+        for k in kinds
+    )
+    if not ok:
+        want = " | ".join(getattr(k, "__name__", str(k)) for k in kinds)
+        raise ValueError(f"{owner}.{name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
 class PresetConfig:

@@ -113,7 +113,9 @@ def run_config(path: str | Path) -> TrainConfig | None:
 class TrainConfig(_Strict):
     """Everything one training run needs; ``batch_size`` is the GLOBAL batch per optimiser step."""
 
-    task: Any = Field("pretrain", description="{kind: pretrain | retrieval | vqa, ...task fields}")
+    task: Any = Field(
+        "pretrain", validate_default=True, description="{kind: pretrain | retrieval | vqa, ...task fields}"
+    )
     method: str | None = Field(None, description="the recipe (albef | vlmo | flava); default: init_from's")
     preset: str = Field("tiny", description="size preset of the backbone and the recipe (tiny | base)")
     backbone: dict[str, Any] = Field(default_factory=dict, description="overrides of the backbone preset")

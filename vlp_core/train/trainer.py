@@ -150,6 +150,10 @@ class _Streams:
                 pin_memory=self.env.device.type == "cuda",
                 drop_last=True,
                 persistent_workers=False,
+                # Its own generator: creating an iterator then draws no number from the global RNG, so a
+                # resumed run (which starts its iterators at another step) keeps the uninterrupted run's
+                # dropout stream. Samples are seeded per sample, so worker seeds do not matter.
+                generator=torch.Generator().manual_seed(sampler.seed),
             )
             yield from loader
             sampler.set_epoch(sampler.epoch + 1)
