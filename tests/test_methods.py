@@ -557,9 +557,11 @@ def test_flava_vit_mask_token_replaces_exactly_the_masked_patches(flava_vit):
 
 
 def test_global_mean_scale_is_one_in_one_process():
-    for count in (0, 1, 7, 1000):
+    for count in (1, 7, 1000):
         scale = global_mean_scale(torch.tensor(count))
         assert scale.shape == () and scale.item() == 1.0
+    # No items here: this rank's share of the global mean is 0 (its local loss is a connected 0).
+    assert global_mean_scale(torch.tensor(0)).item() == 0.0
     assert global_mean_scale(torch.tensor(3.0, requires_grad=True)).item() == 1.0
 
 
@@ -631,13 +633,14 @@ def test_hard_negative_itm_global_equals_local_in_one_process():
 
 
 # Three pairs whose draw features make each row's hardest admissible candidate unambiguous under the
-# documented draw, softmax(query . key / T) at T = 0.01 (cosine gaps of 1): image b's negative text and text
-# b's negative image are both (b + 1) % 3. Queries and keys differ, so a key . key draw points elsewhere.
+# documented draw, softmax(query . key / T) at T = 0.01 (cosine gaps of 1): image b's negative text is
+# (b + 1) % 3 and text b's negative image is (b + 2) % 3. Queries and keys differ, so a draw that paired the
+# features otherwise (key . key, or the roles swapped) would point elsewhere.
 _E = torch.eye(4)
 _FORCED = (
     _E[[0, 1, 2]],  # image queries
     _E[[3, 1, 2]],  # text queries
-    _E[[2, 3, 1]],  # image keys
+    _E[[1, 2, 3]],  # image keys
     _E[[2, 0, 1]],  # text keys
 )
 
@@ -646,7 +649,7 @@ def test_hard_negative_itm_loss_is_the_hand_ce_of_the_scorer():
     res, _, calls = _run_itm(3, _FORCED, torch.tensor([0, 1, 2]), 1234, "global")
     # [positives; text b + its negative image; its negative text + image b].
     text_idx = [0, 1, 2, 0, 1, 2, 1, 2, 0]
-    image_idx = [0, 1, 2, 1, 2, 0, 0, 1, 2]
+    image_idx = [0, 1, 2, 2, 0, 1, 0, 1, 2]
     labels = [1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert res.labels.tolist() == labels
     image, text, mask, weight = (t.detach().tolist() for t in _itm_inputs(3))
@@ -663,6 +666,18 @@ def test_hard_negative_itm_loss_is_the_hand_ce_of_the_scorer():
         correct += (s > 0) == (y == 1)
     assert res.loss.item() == pytest.approx(total / 9, rel=1e-5)
     assert res.accuracy.item() == pytest.approx(correct / 9)
+
+
+def test_hard_negative_itm_never_draws_a_caption_of_the_same_image():
+    # Pairs 0 and 1 show the same image and are each other's most similar candidate by far: their only
+    # admissible negative is pair 2 (pair 2's own draw is uniform over 0 and 1 and not checked).
+    iq = _E[[0, 1, 2]]
+    tk = _E[[1, 0, 3]]
+    _, _, calls = _run_itm(3, (iq, tk, iq, tk), torch.tensor([0, 0, 1]), 1234, "global")
+    image, text = (t.detach() for t in _itm_inputs(3)[:2])
+    img_rows, txt_rows = calls[0]
+    assert torch.equal(img_rows[3:5], image[[2, 2]])  # negative images of texts 0 and 1
+    assert torch.equal(txt_rows[6:8], text[[2, 2]])  # negative texts of images 0 and 1
 
 
 def test_momentum_twin_update_by_hand_keeps_ties():
@@ -968,3 +983,32 @@ def test_flava_masked_image_losses_score_only_masked_cells(flava, batch64, kind)
             cells = b.encode_pair(image, text).image[:, 1:]
     assert len(head.seen) == 1
     close(head.seen[0], cells[mask])
+
+
+def _empty_rank_worker(rank_: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank_, world_size=2)
+    try:
+        counts = [0, 3]
+        scale = global_mean_scale(torch.tensor(counts[rank_])).item()
+        logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])[: counts[rank_]]
+        labels = torch.tensor([0, 1, 0])[: counts[rank_]]
+        loss = masked_lm_loss(logits, labels).item()  # rank 0 has no masked token: it must still join
+        torch.save({"scale": scale, "loss": loss}, f"{out}.{rank_}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_masked_tokens_joins_and_adds_nothing(tmp_path):
+    """Two gloo processes, 0 and 3 masked tokens: the scales are 0 and 2 (= 3 x 2 / 3), the mean of the
+    ranks' losses is the CE over the 3 tokens, and the empty rank does not skip the collective."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_empty_rank_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    ce = F.cross_entropy(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 0])).item()
+    assert (r0["scale"], r1["scale"]) == (0.0, 2.0)
+    assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(ce, rel=1e-6)

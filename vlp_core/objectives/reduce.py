@@ -13,10 +13,12 @@ def global_mean_scale(count: torch.Tensor) -> torch.Tensor:
     """Factor turning a mean over this rank's ``count`` items into its share of the global mean.
 
     ``local_mean * count * W / global_count``: averaged over the W ranks (as DDP averages gradients) this is
-    the mean over all items of the global batch. Exactly 1.0 in a single process. Use it for every loss
-    whose items are unevenly spread over ranks (masked tokens, valid ITM rows).
+    the mean over all items of the global batch. Exactly 1.0 in a single process (with at least one item);
+    0 on a rank without items, whose local loss must then be a graph-connected 0, not NaN. Every rank must
+    call it (it is a collective), whatever its count. Use it for every loss whose items are unevenly spread
+    over ranks (masked tokens, valid ITM rows).
     """
-    count = count.detach().float().clamp(min=1).reshape(1)
+    count = count.detach().float().reshape(1)
     total = gather_features(count, with_grad=False).sum().clamp(min=1)
     return count[0] * world_size() / total
 

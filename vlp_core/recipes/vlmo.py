@@ -3,7 +3,8 @@
 1. ``vision`` stage, image-only batches: masked image modelling (block masks, ~40 % of the cells) against
    codebook targets — the frozen ImageNet-grid k-means codebook of :mod:`vlp_core.models.targets`, a
    documented substitute for BEiT's dVAE tokenizer (no package ships it offline; FLAVA's MIM uses the same
-   targets). Trains the image embedding, the shared attention and the vision experts.
+   targets). Trains the image embedding, the shared attention, the vision experts and (pre-LN) the final
+   norm.
 2. ``language`` stage, text-only batches: MLM (whole-word masking when ``data.whole_word_mask``), with the
    attention (and its norms), the vision and the VL experts frozen: trains the text embeddings, the language
    experts and the MLM head.
@@ -57,9 +58,11 @@ MIM_SEED = 0x5EED_1A6E
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over already-selected ``(M, V)`` logits and ``(M,)`` labels, as its share of the global
     mean over masked tokens (a graph-connected 0 when nothing is masked anywhere)."""
+    # Every rank joins the collective in global_mean_scale, also one without masked tokens.
+    scale = global_mean_scale(torch.tensor(labels.numel(), device=labels.device))
     if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels) * global_mean_scale(torch.tensor(labels.numel()))
+        return logits.sum() * 0.0 * scale
+    return F.cross_entropy(logits.float(), labels) * scale
 
 
 @dataclass
@@ -190,6 +193,7 @@ class VLMo(Recipe):
                         m.backbone.mask_token,
                         *m.backbone.attention_modules(),
                         *m.backbone.experts("vision"),
+                        m.backbone.stack.norm,  # pre-LN's final norm (post-LN: an Identity)
                         m.mim_head,
                     ],  # fmt: skip
                 )

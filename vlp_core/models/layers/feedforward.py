@@ -77,7 +77,12 @@ class ModalityExperts(nn.Module):
             return self.experts[route](x)
         if route.shape != x.shape[:2]:
             raise ValueError(f"route {tuple(route.shape)} does not match tokens {tuple(x.shape[:2])}")
-        out = torch.empty_like(x)
+        if route.device.type == "cpu" and (int(route.min()) < 0 or int(route.max()) >= len(self.names)):
+            raise ValueError(f"route indices must be in [0, {len(self.names)}) for experts {self.names}")
+        # An expert that gets no token does not run, so its parameters get no gradient (None, not 0): the
+        # optimiser then leaves them alone, as a reference implementation with unused parameters does. The
+        # check costs one host sync per expert and layer on GPUs.
+        out = torch.zeros_like(x)
         for i, name in enumerate(self.names):
             sel = route == i
             if bool(sel.any()):
