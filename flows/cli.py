@@ -212,12 +212,15 @@ def runs(
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
         ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
         last = (read_metrics(run / "metrics.jsonl") or [{}])[-1]
+        task = cfg.get("task")
+        task = task.get("kind") if isinstance(task, dict) else task
         row = {
             "run": run.name,
-            "task": cfg.get("task"),
+            "task": task,
+            "method": cfg.get("method"),
             "pairs": (cfg.get("data") or {}).get("pairs", {}).get("mode", "")
-            if cfg.get("task") != "vqa"
-            else "easy-vqa",
+            if task != "vqa"
+            else (cfg.get("task") or {}).get("dataset", "easy_vqa"),
             "steps": info.get("step", last.get("step")),
             "loss": last.get("loss"),
         }

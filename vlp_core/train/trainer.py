@@ -326,7 +326,8 @@ def train(config: TrainConfig, build_spec: Callable[[TrainConfig, DistEnv], Trai
             samples += micro * env.world_size
         t2 = time.perf_counter()
         if config.optim.clip_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(rt.trainable, config.optim.clip_grad_norm)
+            # Over every parameter (those without a gradient are skipped), in the model's order.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
             step_metrics["grad_norm"] = grad_norm.detach().float()
         rt.optimizer.step()
         rt.scheduler.step()
