@@ -169,3 +169,48 @@ def test_periodic_evaluation_every_n_steps_and_at_the_end(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [3, 6, 8] and seen == [False, False, False]
     assert json.loads((tmp_path / "eval.json").read_text())["w"] == lines[-1]["w"]
+
+
+@pytest.mark.parametrize(
+    ("method", "losses", "trained"),
+    [
+        ("albef", None, {"itc", "itm"}),
+        ("vlmo", None, {"itc"}),
+        ("flava", None, {"itc", "itm"}),
+        ("albef", ["itc"], {"itc"}),
+    ],
+)
+def test_retrieval_trains_exactly_the_losses_it_names(method, losses, trained):
+    """Retrieval fine-tuning zeroes every other loss of the method (the ALBEF issue's retrieval preset
+    trained MLM too); an unknown loss name is an error."""
+    from vlp_core.tasks.retrieval import retrieval_recipe_config
+
+    cfg = TrainConfig.model_validate({"task": {"kind": "retrieval", "losses": losses}, "method": method})
+    weights = retrieval_recipe_config(cfg).loss_weights()
+    assert {k for k, w in weights.items() if w > 0} == trained
+    bad = TrainConfig.model_validate(
+        {"task": {"kind": "retrieval", "losses": ["itc", "nope"]}, "method": method}
+    )
+    with pytest.raises(ValueError, match="nope"):
+        retrieval_recipe_config(bad)
+
+
+def test_configs_are_validated_when_loaded():
+    """Unknown kinds, methods, tasks and fields, and values of the wrong type, fail at load time."""
+    from vlp_core.train.config import load_train_config
+
+    for overrides in (
+        {"method": "nope"},
+        {"backbone.kind": "nope"},
+        {"backbone.text.num_layrs": 2},
+        {"recipe.queue_sise": 64},
+        {"recipe.queue_size": "big"},
+        {"task.kind": "nope"},
+        {"task.eval_questions": 5},  # a vqa field on a pretrain task
+        {"optim.lr_mult.vision": -1.0},
+    ):
+        with pytest.raises(ValueError):
+            load_train_config("albef_tiny", overrides)
+    ok = load_train_config("vlmo_tiny", {"recipe.vision_steps": 5, "optim.lr_mult.vision_pretrained": 0.1})
+    assert ok.recipe_config().vision_steps == 5 and ok.backbone_config().registry_kind == "multiway"
+    assert ok.optim.lr_mult == {"vision_pretrained": 0.1}
