@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.models.backbones import Backbone
+from vlp_core.models.backbones import Backbone, OnBackbone
 from vlp_core.models.outputs import ModelOutput
 
 __all__ = ["AnswerClassifier", "mlp_head", "vqa_loss", "vqa_score"]
@@ -52,7 +52,7 @@ def mlp_head(width: int, out: int, hidden: int | None = None, dropout: float = 0
     return head
 
 
-class AnswerClassifier(nn.Module):
+class AnswerClassifier(OnBackbone, nn.Module):
     """Answer classifier: image + question fused by ``backbone``, MLP head on the fused vector, soft BCE.
 
     The backbone's modules are shared, not copied: fine-tuning trains them in place.
@@ -72,24 +72,6 @@ class AnswerClassifier(nn.Module):
         self.backbone = backbone
         self.head = mlp_head(backbone.width, num_answers, head_hidden, head_dropout)
         self.num_answers = num_answers
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.backbone.image_mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.backbone.image_std
-
-    def param_roles(self) -> dict[str, list[nn.Module]]:
-        return self.backbone.param_roles()
-
-    def ddp_kwargs(self) -> dict:
-        return self.backbone.ddp_kwargs()
 
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -38,7 +38,6 @@ from vlp_core.objectives import (
     alpha_ramp,
     global_mean_scale,
     hard_negative_itm,
-    match_probability,
     mlm_distill_loss,
     sample_hard_negatives,
     step_seed,
@@ -190,29 +189,8 @@ class ALBEF(Recipe):
 
     # --------------------------------------------------------------------------------- retrieval helpers
 
-    def image_embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, S, S)`` -> ``(tokens (B, 1+N, Dv), feats (B, E) L2-normalised)``."""
-        image = self.backbone.encode_image(pixel_values)
-        return image.tokens, F.normalize(self.vision_proj(image.pooled), dim=-1)
-
-    def text_embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, L)`` ids and mask -> ``(hidden (B, L, H), feats (B, E) L2-normalised)``."""
-        text = self.backbone.encode_text(input_ids, attention_mask)
-        return text.hidden, F.normalize(self.text_proj(text.pooled), dim=-1)
-
-    def itm_logits(
-        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Fused pass on paired rows: ``(N, 1+N_img, Dv), (N, L, H), (N, L)`` -> ``(N, 2)`` match logits."""
-        return self.itm_head(self.backbone.fuse_states(image_tokens, text_hidden, text_mask).pooled)
-
-    def itm_scores(
-        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Match probability of each row pair (row i image with row i text): ``(N,)`` in [0, 1]."""
-        return match_probability(self.itm_logits(image_tokens, text_hidden, text_mask))
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.vision_proj(pooled)
 
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """Online weights only (no momentum model, no queues): what fine-tuning starts from."""

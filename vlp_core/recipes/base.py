@@ -7,11 +7,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.models.backbones import Backbone, BackboneConfig, build_backbone
+from vlp_core.models.backbones import Backbone, BackboneConfig, OnBackbone, build_backbone
 from vlp_core.models.configs import PresetConfig
-from vlp_core.models.outputs import ModelOutput
+from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
+from vlp_core.objectives import match_probability
 
 __all__ = [
     "default_backbone_kind",
@@ -81,12 +83,14 @@ class RecipeConfig(PresetConfig):
         }  # type: ignore[arg-type]
 
 
-class Recipe(nn.Module):
+class Recipe(OnBackbone, nn.Module):
     """How a backbone is pre-trained: heads, objectives, batch kinds and stages around ``self.backbone``.
 
     A recipe's ``forward(batch, *, step, steps_per_epoch, kind="pair", stage=None)`` returns a
     :class:`ModelOutput`; the trainer calls it with the batch kind and stage name it drew. Retrieval
-    evaluation uses :meth:`image_embed`, :meth:`text_embed` and (if the recipe has ITM) :meth:`itm_scores`.
+    evaluation uses :meth:`image_embed`, :meth:`text_embed` and (if the recipe has an ``itm_head``)
+    :meth:`itm_scores`; a recipe adapts them through the small hooks ``project_image`` / ``project_text``,
+    ``image_pair_input`` / ``text_pair_input`` and ``fuse_inputs``.
 
     Attributes:
         backbone: the :class:`Backbone` (fine-tuning tasks load ``backbone.*`` weights from a run).
@@ -109,13 +113,6 @@ class Recipe(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step (e.g. clamp a temperature)."""
 
-    def ddp_kwargs(self) -> dict[str, Any]:
-        return self.backbone.ddp_kwargs()
-
-    def param_roles(self) -> dict[str, list[nn.Module]]:
-        """Named module groups for ``optim.lr_mult``: the backbone's roles (heads belong to none)."""
-        return self.backbone.param_roles()
-
     # -- fine-tuning hand-off
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights worth starting from: everything but training machinery (:attr:`machinery`)."""
@@ -129,18 +126,51 @@ class Recipe(nn.Module):
         if missing or unexpected:
             raise KeyError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    # -- data-side facts
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
+    # -- retrieval protocol (zero-shot and fine-tuned retrieval evaluation, ITM hard negatives)
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The ITC projection of an image's pooled vector (default: ``self.image_proj``)."""
+        return self.image_proj(pooled)
 
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.backbone.image_mean
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(pooled)
 
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.backbone.image_std
+    def image_pair_input(self, image: ImageFeatures) -> torch.Tensor:
+        """What the fused pass of :meth:`itm_logits` takes on the image side (default: the image-only
+        output tokens; a single-stream backbone's recipe returns the embeddings)."""
+        return image.tokens
+
+    def text_pair_input(self, text: TextFeatures) -> torch.Tensor:
+        return text.hidden
+
+    def fuse_inputs(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> PairFeatures:
+        """The fused pass from :meth:`image_pair_input` / :meth:`text_pair_input` rows."""
+        return self.backbone.fuse_states(image_in, text_in, text_mask)
+
+    def image_embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, S, S)`` -> ``(pair input (B, N, D), ITC features (B, E) L2-normalised)``."""
+        image = self.backbone.encode_image(pixel_values)
+        return self.image_pair_input(image), F.normalize(self.project_image(image.pooled), dim=-1)
+
+    def text_embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L)`` ids and mask -> ``(pair input (B, L, H), ITC features (B, E) L2-normalised)``."""
+        text = self.backbone.encode_text(input_ids, attention_mask)
+        return self.text_pair_input(text), F.normalize(self.project_text(text.pooled), dim=-1)
+
+    def itm_logits(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused pass on paired rows (row i image with row i text) -> ``(N, 2)`` match logits."""
+        return self.itm_head(self.fuse_inputs(image_in, text_in, text_mask).pooled)
+
+    def itm_scores(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Match probability of each row pair: ``(N,)`` in [0, 1] (re-ranks retrieval; needs ``itm_head``)."""
+        return match_probability(self.itm_logits(image_in, text_in, text_mask))
 
     def forward(  # pragma: no cover - abstract
         self,

@@ -40,7 +40,6 @@ from vlp_core.objectives import (
     Temperature,
     block_masks,
     global_mean_scale,
-    match_probability,
     mim_loss,
     step_seed,
 )
@@ -183,27 +182,6 @@ class FLAVA(Recipe):
 
     def after_optimizer_step(self) -> None:
         self.temp.clamp_()
-
-    # -- retrieval protocol
-    def image_embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.backbone.encode_image(pixel_values)
-        return image.tokens, F.normalize(self.image_proj(image.pooled), dim=-1)
-
-    def text_embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        text = self.backbone.encode_text(input_ids, attention_mask)
-        return text.hidden, F.normalize(self.text_proj(text.pooled), dim=-1)
-
-    def itm_logits(
-        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        return self.itm_head(self.backbone.fuse_states(image_tokens, text_hidden, mask).pooled)
-
-    def itm_scores(
-        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        return match_probability(self.itm_logits(image_tokens, text_hidden, mask))
 
     # -- losses
     def _image_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 
 from vlp_core.distributed import rank
 from vlp_core.models.backbones import MultiwayBackbone
-from vlp_core.models.outputs import ModelOutput
+from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
 from vlp_core.models.targets import GridCodebookTargets
 from vlp_core.objectives import (
     ContrastiveLoss,
@@ -43,7 +43,6 @@ from vlp_core.objectives import (
     block_masks,
     global_mean_scale,
     hard_negative_itm,
-    match_probability,
     mim_loss,
     step_seed,
 )
@@ -229,26 +228,17 @@ class VLMo(Recipe):
         self.temp.clamp_()
         self.temp_vl.clamp_()
 
-    # -- retrieval protocol (dual encoder; ITM re-ranking through the fused pass)
-    def image_embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.backbone.encode_image(pixel_values)
-        return image.embeddings, F.normalize(self.image_proj(image.pooled), dim=-1)
+    # -- retrieval protocol: the fused pass starts from embeddings (dual encoder + ITM re-ranking)
+    def image_pair_input(self, image: ImageFeatures) -> torch.Tensor:
+        return image.embeddings
 
-    def text_embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        text = self.backbone.encode_text(input_ids, attention_mask)
-        return text.embeddings, F.normalize(self.text_proj(text.pooled), dim=-1)
+    def text_pair_input(self, text: TextFeatures) -> torch.Tensor:
+        return text.embeddings
 
-    def itm_logits(
-        self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        return self.itm_head(self.backbone.fuse_embeddings(image_emb, text_emb, text_mask).pooled)
-
-    def itm_scores(
-        self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        return match_probability(self.itm_logits(image_emb, text_emb, text_mask))
+    def fuse_inputs(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> PairFeatures:
+        return self.backbone.fuse_embeddings(image_in, text_in, text_mask)
 
     # -- losses per batch kind
     def _mim(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

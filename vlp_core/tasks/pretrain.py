@@ -104,7 +104,7 @@ def retrieval_eval(
             max_length=config.data.max_len,
             return_tensors="pt",
         )
-        itm_k = config.eval.itm_rerank_k if hasattr(model, "itm_scores") else 0
+        itm_k = config.eval.itm_rerank_k if getattr(model, "itm_head", None) is not None else 0
         with torch.no_grad():
             return evaluate_retrieval(
                 model,

@@ -15,6 +15,7 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneConfig",
+    "OnBackbone",
     "backbone_config",
     "build_backbone",
     "register_backbone",
@@ -63,22 +64,27 @@ class Backbone(nn.Module):
         return self.encode_pair(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
 
     # -- what data, optimiser and DDP need to know
+    def image_input(self) -> nn.Module:
+        """The module that takes the pixels: it knows ``image_size``, ``mean``, ``std`` (and ``grid``)."""
+        raise NotImplementedError
+
     @property
     def image_size(self) -> int:
-        raise NotImplementedError
+        return self.image_input().image_size
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
-        raise NotImplementedError
+        return self.image_input().mean
 
     @property
     def image_std(self) -> tuple[float, float, float]:
-        raise NotImplementedError
+        return self.image_input().std
 
     @property
     def image_grid(self) -> tuple[int, int] | None:
         """``(rows, cols)`` of the image tokens after the global token (masked image modelling), if any."""
-        return None
+        grid = getattr(self.image_input(), "grid", None)
+        return (grid, grid) if grid else None
 
     def param_roles(self) -> dict[str, list[nn.Module]]:
         """Named groups of modules for per-group learning rates (``optim.lr_mult``), chosen structurally.
@@ -93,6 +99,32 @@ class Backbone(nn.Module):
         """Arguments the trainer gives ``DistributedDataParallel`` (e.g. ``find_unused_parameters`` when some
         parameters get no gradient in some batches, as modality experts do)."""
         return {}
+
+
+class OnBackbone:
+    """Mixin for models built around ``self.backbone`` (recipes, task models): the image facts the data
+    side needs, the backbone's roles and DDP arguments."""
+
+    backbone: Backbone
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.backbone.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.backbone.image_std
+
+    def param_roles(self) -> dict[str, list[nn.Module]]:
+        """Named module groups for ``optim.lr_mult``: the backbone's roles (heads belong to none)."""
+        return self.backbone.param_roles()
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        return self.backbone.ddp_kwargs()
 
 
 #: kind -> (config class, backbone class).

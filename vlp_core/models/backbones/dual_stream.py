@@ -102,22 +102,8 @@ class DualStreamBackbone(Backbone):
         return self.fuse_states(image.tokens, text.hidden, text.mask)
 
     # -- data / optimiser
-    @property
-    def image_size(self) -> int:
-        return self.vision_encoder.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.vision_encoder.mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.vision_encoder.std
-
-    @property
-    def image_grid(self) -> tuple[int, int] | None:
-        grid = getattr(self.vision_encoder, "grid", None)
-        return (grid, grid) if grid else None
+    def image_input(self) -> nn.Module:
+        return self.vision_encoder
 
     def param_roles(self) -> dict[str, list[nn.Module]]:
         roles = {

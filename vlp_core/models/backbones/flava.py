@@ -154,21 +154,8 @@ class FlavaBackbone(Backbone):
         return self.fuse_states(image.tokens, text.hidden, text.mask)
 
     # -- data / optimiser
-    @property
-    def image_size(self) -> int:
-        return self.vision_encoder.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.vision_encoder.mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.vision_encoder.std
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return (self.vision_encoder.grid, self.vision_encoder.grid)
+    def image_input(self) -> nn.Module:
+        return self.vision_encoder
 
     def param_roles(self) -> dict[str, list[nn.Module]]:
         roles = {

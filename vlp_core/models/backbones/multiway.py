@@ -235,21 +235,8 @@ class MultiwayBackbone(Backbone):
         """The ``name`` expert of every layer that has one."""
         return [layer.ffn.experts[name] for layer in self.stack.layers if name in layer.ffn.experts]
 
-    @property
-    def image_size(self) -> int:
-        return self.image_embed.image_size
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        return self.image_embed.mean
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        return self.image_embed.std
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return (self.image_embed.grid, self.image_embed.grid)
+    def image_input(self) -> nn.Module:
+        return self.image_embed
 
     def param_roles(self) -> dict[str, list[nn.Module]]:
         roles = {
