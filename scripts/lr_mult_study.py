@@ -24,15 +24,21 @@ from study_runs import default_data_dir, mean_std, parse_list, run_train, train_
 
 def feature_cosine(run_dir: Path | None, n_images: int = 34) -> float:
     """Mean pairwise cosine of the CNN's pooled features on the first easy-VQA test images (the weights of
-    ``run_dir``'s latest checkpoint, or the ImageNet initialisation when ``None``)."""
+    ``run_dir``'s latest checkpoint, any method's backbone, or the ImageNet initialisation when ``None``)."""
     import torch.nn.functional as F
 
     from vlp_core.data import eval_transform, load_image_file, read_easy_vqa
     from vlp_core.models import build_backbone
     from vlp_core.tasks import load_backbone_weights_
     from vlp_core.train.checkpoint import load_pretrained_weights
+    from vlp_core.train.config import run_config
 
-    backbone = build_backbone({"kind": "dual_stream", "preset": "tiny"}).eval()
+    cfg = (
+        run_config(run_dir).backbone_config()
+        if run_dir is not None
+        else {"kind": "dual_stream", "preset": "tiny"}
+    )
+    backbone = build_backbone(cfg).eval()
     if run_dir is not None:
         load_backbone_weights_(backbone, load_pretrained_weights(run_dir))
     records = read_easy_vqa("test")
@@ -40,7 +46,7 @@ def feature_cosine(run_dir: Path | None, n_images: int = 34) -> float:
     tf = eval_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
     px = torch.stack([tf(load_image_file(p)) for p in paths])
     with torch.no_grad():
-        feats = backbone.vision_encoder.grid_features(px).mean(1)
+        feats = backbone.image_input().grid_features(px).mean(1)
     f = F.normalize(feats, dim=-1)
     sim = f @ f.t()
     n = len(paths)
