@@ -263,6 +263,10 @@ def train(config: TrainConfig, build_spec: Callable[[TrainConfig, DistEnv], Trai
         saved = load_trainer_state(ckpt, model, env.rank)
         if saved["world_size"] != env.world_size:
             raise ValueError(f"checkpoint {ckpt} was written with world size {saved['world_size']}")
+        if "samplers" not in saved:
+            raise ValueError(
+                f"checkpoint {ckpt} is from the trainer before batch kinds and stages; start a new run"
+            )
         streams.load_state_dict(saved["samplers"])
         for name, component in spec.state.items():
             component.load_state_dict(saved["components"][name])
