@@ -172,7 +172,23 @@ class Recipe(OnBackbone, nn.Module):
         """Match probability of each row pair: ``(N,)`` in [0, 1] (re-ranks retrieval; needs ``itm_head``)."""
         return match_probability(self.itm_logits(image_in, text_in, text_mask))
 
-    def forward(  # pragma: no cover - abstract
+    @property
+    def wants_image_targets(self) -> bool:
+        """Whether the recipe trains masked image modelling, so the task must fit its targets (see
+        :meth:`fit_targets_`) before step 0."""
+        return False
+
+    def fit_targets_(self, pixel_values: torch.Tensor, *, seed: int) -> None:
+        """Fit the masked-image-modelling targets on ``(N, 3, S, S)`` training images."""
+        raise NotImplementedError(f"{type(self).__name__} has no image targets")
+
+    def losses(
+        self, kind: str, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(weighted loss, metrics)`` of one ``kind`` batch (one of :attr:`batch_kinds`)."""
+        raise NotImplementedError
+
+    def forward(
         self,
         batch: dict[str, torch.Tensor],
         *,
@@ -181,7 +197,12 @@ class Recipe(OnBackbone, nn.Module):
         kind: str = "pair",
         stage: str | None = None,
     ) -> ModelOutput:
-        raise NotImplementedError
+        """The losses of one (local) batch of ``kind``; a recipe that needs ``steps_per_epoch`` or
+        ``stage`` (ALBEF's alpha ramp) overrides this instead of :meth:`losses`."""
+        if kind not in self.batch_kinds:
+            raise ValueError(f"{type(self).__name__} has no {kind!r} batches ({', '.join(self.batch_kinds)})")
+        loss, metrics = self.losses(kind, batch, step)
+        return ModelOutput(loss=loss, metrics=metrics)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from torch import nn
 
 from vlp_core.distributed import gather_features, rank
 from vlp_core.models.backbones import FlavaBackbone
-from vlp_core.models.outputs import ModelOutput
 from vlp_core.models.targets import GridCodebookTargets
 from vlp_core.models.text import MLMHead
 from vlp_core.objectives import (
@@ -176,9 +175,12 @@ class FLAVA(Recipe):
     def ddp_kwargs(self) -> dict[str, Any]:
         return {"find_unused_parameters": True}  # each batch kind trains its own heads
 
+    @property
+    def wants_image_targets(self) -> bool:
+        return self.config.mim_weight > 0 or self.config.mmm_image_weight > 0
+
     def fit_targets_(self, pixel_values: torch.Tensor, *, seed: int) -> None:
-        if self.config.mim_weight > 0 or self.config.mmm_image_weight > 0:
-            self.targets.fit_(pixel_values, seed=seed)
+        self.targets.fit_(pixel_values, seed=seed)
 
     def after_optimizer_step(self) -> None:
         self.temp.clamp_()
@@ -273,25 +275,13 @@ class FLAVA(Recipe):
                 metrics["loss_mmm_text"] = loss.detach()
         return total, metrics
 
-    def forward(
-        self,
-        batch: dict[str, torch.Tensor],
-        *,
-        step: int,
-        steps_per_epoch: int,
-        kind: str = "pair",
-        stage: str | None = None,
-    ) -> ModelOutput:
+    def losses(self, kind: str, batch: dict[str, torch.Tensor], step: int):
         """``image``: MIM; ``text``: MLM; ``pair``: contrastive + ITM + MMM (image and text)."""
         if kind == "image":
-            loss, metrics = self._image(batch)
-        elif kind == "text":
-            loss, metrics = self._text(batch)
-        elif kind == "pair":
-            loss, metrics = self._pair(batch, step)
-        else:
-            raise ValueError(f"FLAVA has no {kind!r} batches (image, text, pair)")
-        return ModelOutput(loss=loss, metrics=metrics)
+            return self._image(batch)
+        if kind == "text":
+            return self._text(batch)
+        return self._pair(batch, step)
 
 
 register_recipe(FLAVAConfig, FLAVA, "flava")

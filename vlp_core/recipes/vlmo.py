@@ -33,7 +33,7 @@ from torch import nn
 
 from vlp_core.distributed import rank
 from vlp_core.models.backbones import MultiwayBackbone
-from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
+from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
 from vlp_core.models.targets import GridCodebookTargets
 from vlp_core.objectives import (
     ContrastiveLoss,
@@ -219,10 +219,13 @@ class VLMo(Recipe):
         return [self.image_proj, self.text_proj, self.vl_image_proj, self.vl_text_proj, self.itm_head,
                 self.temp, self.temp_vl]  # fmt: skip
 
+    @property
+    def wants_image_targets(self) -> bool:
+        return self.config.mim_weight > 0 and self.config.vision_steps > 0
+
     def fit_targets_(self, pixel_values: torch.Tensor, *, seed: int) -> None:
         """Fit the MIM codebook (the pre-train task calls this with training images before step 0)."""
-        if self.config.mim_weight > 0 and self.config.vision_steps > 0:
-            self.targets.fit_(pixel_values, seed=seed)
+        self.targets.fit_(pixel_values, seed=seed)
 
     def after_optimizer_step(self) -> None:
         self.temp.clamp_()
@@ -251,14 +254,14 @@ class VLMo(Recipe):
         targets = self.targets(px)[mask]
         loss = mim_loss(logits, targets) * global_mean_scale(mask.sum())
         acc = (logits.argmax(-1) == targets).float().mean()
-        return loss, {"loss_mim": loss.detach(), "mim_acc": acc.detach()}
+        return self.config.mim_weight * loss, {"loss_mim": loss.detach(), "mim_acc": acc.detach()}
 
     def _text_mlm(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["mlm_labels"]
         selected = labels != -100
         text = self.backbone.encode_text(batch["mlm_input_ids"], batch["attention_mask"], vl_path=False)
         loss = masked_lm_loss(self.backbone.mlm_head(text.hidden[selected]), labels[selected])
-        return loss, {"loss_mlm": loss.detach()}
+        return self.config.mlm_weight * loss, {"loss_mlm": loss.detach()}
 
     def _pair(
         self, batch: dict[str, torch.Tensor], step: int
@@ -307,27 +310,13 @@ class VLMo(Recipe):
             metrics["loss_mlm"] = loss.detach()
         return total, metrics
 
-    def forward(
-        self,
-        batch: dict[str, torch.Tensor],
-        *,
-        step: int,
-        steps_per_epoch: int,
-        kind: str = "pair",
-        stage: str | None = None,
-    ) -> ModelOutput:
+    def losses(self, kind: str, batch: dict[str, torch.Tensor], step: int):
         """``image`` batches: MIM; ``text`` batches: text-only MLM; ``pair`` batches: ITC + ITM + MLM."""
         if kind == "image":
-            loss, metrics = self._mim(batch)
-            loss = self.config.mim_weight * loss
-        elif kind == "text":
-            loss, metrics = self._text_mlm(batch)
-            loss = self.config.mlm_weight * loss
-        elif kind == "pair":
-            loss, metrics = self._pair(batch, step)
-        else:
-            raise ValueError(f"VLMo has no {kind!r} batches (image, text, pair)")
-        return ModelOutput(loss=loss, metrics=metrics)
+            return self._mim(batch)
+        if kind == "text":
+            return self._text_mlm(batch)
+        return self._pair(batch, step)
 
 
 register_recipe(VLMoConfig, VLMo, "multiway")

@@ -171,8 +171,8 @@ def _build(config: Any, env: Any) -> TrainSpec:
         streams["pair"], pair_info = pair_stream(config, store, model, pairs, tokenizer)
         info.update(pair_info)
     image_index = None
-    if "image" in kinds or hasattr(model, "fit_targets_"):
-        held = {"heldout_fraction": pairs.heldout_fraction, "heldout_salt": pairs.heldout_salt}
+    held = {"heldout_fraction": pairs.heldout_fraction, "heldout_salt": pairs.heldout_salt}
+    if "image" in kinds or model.wants_image_targets:
         ucfg = UnimodalConfig(**{**held, "sources": pairs.sources, **task.images})
         image_index = build_image_index(store, ucfg, seed=config.seed)
         transform = train_transform(
@@ -185,14 +185,12 @@ def _build(config: Any, env: Any) -> TrainSpec:
             )
             info["image_only"] = image_index.num_rows
     if "text" in kinds:
-        ucfg = UnimodalConfig(
-            **{"heldout_fraction": pairs.heldout_fraction, "heldout_salt": pairs.heldout_salt, **task.texts}
-        )
+        ucfg = UnimodalConfig(**{**held, **task.texts})
         text_index = build_text_index(store, ucfg, seed=config.seed)
         collate = TextCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
         streams["text"] = Stream(TextDataset(store, text_index, seed=config.seed), collate)
         info["text_only"] = text_index.num_rows
-    if hasattr(model, "fit_targets_") and image_index is not None:
+    if model.wants_image_targets:
         # The masked-image-modelling codebook: k-means over the target encoder's features of the first
         # images of the (seeded) image index, center-cropped; deterministic, so a resumed run refits the same.
         fit = ImageDataset(
