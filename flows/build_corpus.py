@@ -456,29 +456,56 @@ GALLERY = "gallery"
 GALLERY_CODE = code_version(vlp_core.corpus.gallery_rows, vlp_core.language.grounding)
 
 
+# Candidates, in output order: per (concept, image) its best detected region; then, with image-tag patches on,
+# the whole image (region 0) under each ImageNet tag of probability >= image_tag_min_score, unless the image
+# already has a detected region of that concept. Per concept detector patches come first (the detector-only
+# gallery is kept whole), then image-tag patches, each by score then image_id; at most max_per_concept.
+GALLERY_SQL = """
+WITH det AS (
+    SELECT label AS concept, image_id, region_idx, score, box, box5, feature, 'detector' AS origin
+    FROM regions WHERE region_idx > 0 AND score >= $min_score
+    QUALIFY row_number() OVER (PARTITION BY label, image_id ORDER BY score DESC, region_idx) = 1
+), tags AS (
+    SELECT image_id, unnest(tags) AS concept, unnest(tag_scores) AS score, unnest(tag_origins) AS tag_origin
+    FROM image_tags
+), img AS (
+    SELECT t.concept, t.image_id, r.region_idx, t.score, r.box, r.box5, r.feature, 'image_tag' AS origin
+    FROM tags t JOIN regions r ON r.image_id = t.image_id AND r.region_idx = 0
+    WHERE $image_tags AND t.tag_origin = 'imagenet' AND t.score >= $tag_min_score
+      AND NOT EXISTS (SELECT 1 FROM det d WHERE d.concept = t.concept AND d.image_id = t.image_id)
+    QUALIFY row_number() OVER (PARTITION BY t.concept, t.image_id ORDER BY t.score DESC) = 1
+), cand AS (
+    SELECT * FROM det UNION ALL BY NAME SELECT * FROM img
+)
+SELECT concept, image_id, region_idx, score, box, box5, feature, origin FROM cand
+QUALIFY row_number() OVER (
+    PARTITION BY concept ORDER BY origin = 'image_tag', score DESC, image_id) <= $max_per_concept
+ORDER BY concept, origin = 'image_tag', score DESC, image_id
+"""
+
+
+def gallery_candidates(con, g) -> tuple[list[dict], dict[str, bytes]]:
+    """The gallery's candidate patches (``GALLERY_SQL`` under GalleryConfig ``g``) and their images' JPEGs."""
+    rel = con.execute(GALLERY_SQL, {
+        "min_score": g.min_score, "image_tags": g.image_tag_patches, "tag_min_score": g.image_tag_min_score,
+        "max_per_concept": g.max_per_concept,
+    })  # fmt: skip
+    cols = [d[0] for d in rel.description]
+    candidates = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
+    ids = sorted({c["image_id"] for c in candidates})
+    jpeg_of = dict(con.execute("SELECT image_id, image FROM images WHERE list_contains(?, image_id)",
+                               [ids]).fetchall())  # fmt: skip
+    return candidates, jpeg_of
+
+
 def _gallery_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    g = cfg.gallery
-    cat = job.payload["catalog"]
-    con = connect(cat)
+    con = connect(job.payload["catalog"])
     try:
-        rel = con.execute(
-            "WITH best AS (SELECT label AS concept, image_id, region_idx, score, box, box5, feature "
-            "  FROM regions WHERE region_idx > 0 AND score >= ? "
-            "  QUALIFY row_number() OVER (PARTITION BY label, image_id ORDER BY score DESC, region_idx) = 1) "
-            "SELECT * FROM best "
-            "QUALIFY row_number() OVER (PARTITION BY concept ORDER BY score DESC, image_id) <= ? "
-            "ORDER BY concept, score DESC, image_id",
-            [g.min_score, g.max_per_concept],
-        )
-        cols = [d[0] for d in rel.description]
-        candidates = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
-        ids = sorted({c["image_id"] for c in candidates})
-        jpeg_of = dict(con.execute("SELECT image_id, image FROM images WHERE list_contains(?, image_id)",
-                                   [ids]).fetchall())  # fmt: skip
+        candidates, jpeg_of = gallery_candidates(con, cfg.gallery)
     finally:
         con.close()
     detector, _ = vlp_core.corpus.vision_models(cfg.regions)
-    return vlp_core.corpus.gallery_rows(candidates, jpeg_of, detector.labels, g.thumb_side)
+    return vlp_core.corpus.gallery_rows(candidates, jpeg_of, detector.labels, cfg.gallery.thumb_side)
 
 
 SHARD_ROWS[GALLERY] = _gallery_rows
@@ -486,13 +513,65 @@ SHARD_ROWS[GALLERY] = _gallery_rows
 
 @flow(name="gallery")
 def gallery_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    """One shard over the whole region set, rebuilt when the regions or the gallery settings change."""
+    """One shard over the whole region set (regions and image tags), rebuilt when they or the gallery
+    settings change."""
     regions = sorted(ShardStore(layout.store).manifests(REGIONS, CORPUS))
-    signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE, GALLERY_CODE)
+    signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE, GALLERY_CODE, GALLERY_SQL)
     unit = [("regions", stable_hash(regions))]
     jobs = plan_jobs(ShardStore(layout.store), GALLERY, CORPUS, unit, signature, 1,
                      {"catalog": str(layout.catalog)})  # fmt: skip
     return dict(map_shards(GALLERY, jobs, cfg, str(layout.store)))
+
+
+# ------------------------------------------------------------------------------------------------- ground
+
+GROUND = "ground"
+GROUND_CODE = code_version(
+    vlp_core.corpus.ground_rows, vlp_core.corpus.concept_matcher, vlp_core.language.grounding
+)
+
+
+def ground_signature(concepts: list[tuple[str, list[str], int]]) -> str:
+    """Keyed by the concept vocabulary the sentences are matched against: every concept's forms and whether
+    it has patches (not how many: a gallery that only grows or shrinks within its concepts keeps the rows)."""
+    vocab = sorted((c, list(forms), n > 0) for c, forms, n in concepts)
+    return stable_hash(GROUND, vocab, GROUND_CODE)
+
+
+def _ground_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    forms = {c: list(f) for c, f, _ in job.payload["concepts"]}
+    with_patches = frozenset(c for c, _, n in job.payload["concepts"] if n > 0)
+    return vlp_core.corpus.ground_rows(
+        vlp_core.corpus.concept_matcher(forms), [k for k, _ in job.units], job.payload["texts"], with_patches
+    )
+
+
+SHARD_ROWS[GROUND] = _ground_rows
+
+
+@task(name="plan-ground", cache_policy=NO_CACHE)
+def plan_ground(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+    """Grounded words of every corpus sentence, matched against exactly the surface forms of the ``concepts``
+    table (disjoint between concepts: the gallery resolved their conflicts); a new concept set re-keys every
+    shard."""
+    cat = str(layout.catalog)
+    concepts = [
+        (c, list(f), n)
+        for c, f, n in _query(cat, "SELECT concept, forms, n_patches FROM concepts ORDER BY concept")
+    ]
+    rows = _query(cat, "SELECT text_id, text FROM texts ORDER BY text_id")
+    text_of = dict(rows)
+    units = [(tid, tid) for tid, _ in rows]  # content-hashed ids: the id is its own fingerprint
+    jobs = plan_jobs(ShardStore(layout.store), GROUND, CORPUS, units, ground_signature(concepts),
+                     cfg.ground.shard_size, {"concepts": concepts})  # fmt: skip
+    for job in jobs:
+        job.payload["texts"] = [text_of[k] for k, _ in job.units]
+    return jobs
+
+
+@flow(name="ground")
+def ground_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
+    return dict(map_shards(GROUND, plan_ground.submit(cfg, layout).result(), cfg, str(layout.store)))
 
 
 # sharded stages, each a subflow so it can run on its own task runner
@@ -504,6 +583,7 @@ STAGE_FLOWS = {
     PHRASES: phrases_flow,
     LINKS: links_flow,
     GALLERY: gallery_flow,
+    GROUND: ground_flow,
 }
 
 
@@ -540,6 +620,10 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
         q = metrics["quality"]
         create_table_artifact(key="corpus-quality", table=[q], description="retrieved vs random pairs")
         create_table_artifact(key="corpus-tag-coverage", table=metrics["tag_coverage"])
+        create_table_artifact(
+            key="corpus-cmc-coverage", table=metrics["cmc_coverage"],
+            description="sentences with a grounded word and words CutMix replaces in expectation",
+        )  # fmt: skip
         page = write_html(layout, layout.root / "reports" / "corpus.html", metrics)
         create_markdown_artifact(
             key="corpus-quality-report",
@@ -549,7 +633,9 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
                 f"| alignment@1 | {q['alignment_at_1']} | {q['random_alignment_at_1']:.4f} |\n"
                 f"| alignment@K | {q['alignment_at_k']} | {q['random_alignment_at_k']:.4f} |\n"
                 f"| category@K | {q['category_at_k']} | {q['random_category_at_k']:.4f} |\n\n"
-                f"Link rate {q['link_rate']}; HTML report with a retrieval gallery: `{page}`"
+                f"Link rate {q['link_rate']}; CMC: {q['cmc_grounded_sentences']} sentences with a grounded "
+                f"word ({q['cmc_grounded_share']:.2%}), {q['cmc_expected_replaced_share']:.2%} of words "
+                f"replaced in expectation. HTML report with a retrieval gallery: `{page}`"
             ),
         )
         out["quality"] = q

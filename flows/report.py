@@ -37,6 +37,7 @@ def quality_metrics(layout: DataLayout) -> dict[str, Any]:
         rejects = _rows(
             con, "SELECT stage, reason, sum(n) AS n FROM rejects_by_reason GROUP BY ALL ORDER BY n DESC"
         )
+        cmc = _rows(con, "SELECT * FROM cmc_coverage")
     finally:
         con.close()
     cats = [c for _, c in per_image if c is not None]
@@ -48,7 +49,14 @@ def quality_metrics(layout: DataLayout) -> dict[str, Any]:
         random_category_at_k=random_category_at_k(cats, share, k),
         random_category_precision_at_k=random_category_precision(cats, share),
     )
-    return {"quality": q, "tag_coverage": coverage, "rejects": rejects}
+    whole = next((r for r in cmc if r["origin"] == "all"), {})
+    q.update({f"cmc_{k}": whole.get(k) for k in CMC_KEYS})
+    return {"quality": q, "tag_coverage": coverage, "rejects": rejects, "cmc_coverage": cmc}
+
+
+# cmc_coverage columns carried into the quality summary as cmc_<column> (the whole gallery's row)
+CMC_KEYS = ("grounded_sentences", "grounded_share", "grounded_words", "expected_replaced_words",
+            "expected_replaced_share")  # fmt: skip
 
 
 def _thumb(jpeg: bytes, side: int = 128) -> str:
@@ -107,6 +115,15 @@ def write_html(layout: DataLayout, path: Path, metrics: dict[str, Any], n_exampl
     rej = "".join(
         f"<tr><td>{r['stage']}</td><td>{r['reason']}</td><td>{r['n']}</td></tr>" for r in metrics["rejects"]
     )
+    cmc_cols = ("origin", "sentences", "grounded_sentences", "grounded_share", "grounded_words",
+                "expected_replaced_words", "words", "expected_replaced_share")  # fmt: skip
+    cmc = "".join(
+        "<tr>"
+        + "".join(f"<td>{f'{r[c]:.2%}' if c.endswith('share') else _fmt(r[c])}</td>" for c in cmc_cols)
+        + "</tr>"
+        for r in metrics.get("cmc_coverage", [])
+    )
+    cmc_head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cmc_cols)
     page = f"""<!doctype html><html><head><meta charset=utf-8><title>Corpus quality</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:4px 8px}} .card{{display:inline-block;vertical-align:top;width:330px;
@@ -116,6 +133,9 @@ li{{font-size:12px}} li.own{{background:#dfd}} .uri{{font-size:10px;color:#888}}
 {q["corpus_sentences"]} sentences; link rate {_fmt(q["link_rate"])}; rejects {q["rejects"]}.</p>
 <table><tr><th>metric</th><th>retrieved</th><th>random pairs</th></tr>{table}</table>
 <h2>Tag coverage</h2><table><tr><th>source</th><th>images</th><th>coverage</th></tr>{cov}</table>
+<h2>CutMix (CMC) coverage</h2><p>Sentences with a visually grounded word (a gallery concept) and the words
+cross-modal CutMix replaces in expectation (p = 0.5 per grounded word, at least one per sentence), per patch
+origin.</p><table><tr>{cmc_head}</tr>{cmc}</table>
 <h2>Rejects</h2><table><tr><th>stage</th><th>reason</th><th>n</th></tr>{rej}</table>
 <h2>Retrieval gallery</h2><p>Green: the image's own caption (known pair; never used to build the corpus).</p>
 {"".join(cards)}</body></html>"""

@@ -23,9 +23,14 @@ SELECT i.source, count(*) AS images, count(*) FILTER (WHERE len(g.tags) > 0) AS 
 FROM images i JOIN image_tags g USING (image_id)
 GROUP BY ALL ORDER BY i.source;
 
--- VLMixer patch gallery: concepts × gallery sizes (thumbnails in patch_gallery.thumbnail).
+-- VLMixer patch gallery: concepts × gallery sizes (thumbnails in patch_gallery.thumbnail). origin: where the
+-- concept's name comes from (detector label | image_tag); image_tag_patches: its whole-image patches.
 CREATE OR REPLACE VIEW gallery_summary AS
 SELECT c.concept, c.n_patches, count(DISTINCT g.image_id) AS images, round(avg(g.score), 3) AS mean_score,
-       c.forms
+       c.forms, c.origin, count(g.image_id) FILTER (WHERE g.origin = 'image_tag') AS image_tag_patches
 FROM concepts c LEFT JOIN patch_gallery g USING (concept)
 GROUP BY ALL ORDER BY c.n_patches DESC, c.concept;
+
+-- Visually grounded words of every corpus sentence (the `ground` stage; VLMixer CMC candidates).
+CREATE OR REPLACE VIEW grounded_words AS
+SELECT * FROM read_parquet('${STORE}/grounded_words/**/*.parquet');

@@ -36,3 +36,39 @@ SELECT count(*) AS images_evaluated,
            AS link_rate,
        (SELECT count(*) FROM rejects) AS rejects
 FROM retrieval_eval;
+
+-- VLMixer cross-modal CutMix coverage of the text corpus. A sentence's grounded words (`ground` stage) are
+-- the CMC candidates; CMC replaces each with probability p = 0.5 and at least one per sentence that has any
+-- (vlp_core.language.cutmix_choices defaults), so a sentence with n grounded spans replaces each with
+-- probability p + (1 - p)^n / n: expected_replaced_spans sums that, expected_replaced_words weighs each span
+-- by its words. Words are whitespace-separated (a grounded "traffic light" is 2 words). Rows: origin 'all'
+-- (the whole gallery), then per patch origin (detector | image_tag): the coverage CMC would have with only
+-- the concepts that have patches of that origin (not additive: a concept can have both).
+CREATE OR REPLACE VIEW cmc_coverage AS
+WITH concept_origin AS (
+    SELECT DISTINCT concept, 'all' AS origin FROM patch_gallery
+    UNION SELECT DISTINCT concept, origin FROM patch_gallery
+), origins AS (
+    SELECT DISTINCT origin FROM concept_origin UNION SELECT 'all'
+), per_sentence AS (
+    SELECT o.origin, w.text_id, count(*) AS n,
+           sum(len(string_split_regex(trim(w.word), '\s+'))) AS n_words
+    FROM grounded_words w JOIN concept_origin o USING (concept)
+    WHERE w.text_id IN (SELECT text_id FROM texts)
+    GROUP BY ALL
+), corpus AS (
+    SELECT count(*) AS sentences, coalesce(sum(len(string_split_regex(trim(text), '\s+'))), 0) AS words
+    FROM texts
+), agg AS (
+    SELECT o.origin, count(s.text_id) AS grounded_sentences, coalesce(sum(s.n), 0) AS grounded_words,
+           coalesce(sum(0.5 * s.n + pow(0.5, s.n)), 0) AS expected_replaced_spans,
+           coalesce(sum((0.5 + pow(0.5, s.n) / s.n) * s.n_words), 0) AS expected_replaced_words
+    FROM origins o LEFT JOIN per_sentence s USING (origin)
+    GROUP BY o.origin
+)
+SELECT a.origin, c.sentences, a.grounded_sentences,
+       coalesce(a.grounded_sentences / nullif(c.sentences, 0), 0) AS grounded_share,
+       a.grounded_words, a.expected_replaced_spans, c.words, a.expected_replaced_words,
+       coalesce(a.expected_replaced_words / nullif(c.words, 0), 0) AS expected_replaced_share
+FROM agg a CROSS JOIN corpus c
+ORDER BY a.origin <> 'all', a.origin;

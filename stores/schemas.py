@@ -152,8 +152,14 @@ PATCH_GALLERY = pa.schema(
         pa.field("box5", vector(5, pa.float32()), nullable=False),
         pa.field("feature", pa.list_(pa.float16()), nullable=False),
         pa.field("thumbnail", pa.binary(), nullable=False),  # JPEG crop, longer side <= thumb_side
+        # detector: a detected region, score = detection confidence; image_tag: the whole image (region 0)
+        # under a confident image-level (ImageNet) tag, score = the tag's class probability
+        pa.field("origin", pa.string(), nullable=False),
     ],
-    metadata={"doc": "VLMixer CutMix patch gallery: capped, diverse region patches per detector concept"},
+    metadata={
+        "doc": "VLMixer CutMix patch gallery: capped, diverse patches per concept (one per image), from "
+        "detected regions (origin detector) and whole images under confident ImageNet tags (image_tag)"
+    },
 )
 
 CONCEPTS = pa.schema(
@@ -161,8 +167,24 @@ CONCEPTS = pa.schema(
         pa.field("concept", pa.string(), nullable=False),
         pa.field("forms", pa.list_(pa.string()), nullable=False),  # surface forms matched in sentences
         pa.field("n_patches", pa.int32(), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),  # detector (a detector label) | image_tag
     ],
-    metadata={"doc": "concept vocabulary for grounded-word matching, with gallery sizes"},
+    metadata={
+        "doc": "concept vocabulary for grounded-word matching, with gallery sizes: every detector label, "
+        "then the image-tag concepts that have patches"
+    },
+)
+
+GROUNDED_WORDS = pa.schema(
+    [
+        pa.field("text_id", pa.string(), nullable=False),
+        pa.field("word_idx", pa.int16(), nullable=False),  # 0, 1, ... among the sentence's grounded words
+        pa.field("start_char", pa.int32(), nullable=False),
+        pa.field("end_char", pa.int32(), nullable=False),
+        pa.field("word", pa.string(), nullable=False),  # text[start_char:end_char]; may span several words
+        pa.field("concept", pa.string(), nullable=False),  # a concept with gallery patches
+    ],
+    metadata={"doc": "visually grounded words of every corpus sentence (VLMixer CMC candidates)"},
 )
 
 TABLES: dict[str, pa.Schema] = {
@@ -178,6 +200,7 @@ TABLES: dict[str, pa.Schema] = {
     "phrase_links": PHRASE_LINKS,
     "patch_gallery": PATCH_GALLERY,
     "concepts": CONCEPTS,
+    "grounded_words": GROUNDED_WORDS,
 }
 
 

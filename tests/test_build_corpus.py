@@ -242,6 +242,7 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     from skimage import data as skdata
 
     from flows.build_corpus import build_corpus
+    from vlp_core.config import STAGES
 
     photos = tmp_path / "photos" / "photo"
     photos.mkdir(parents=True)
@@ -259,7 +260,7 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
             {"name": "photos", "kind": "image_dir", "options": {"root": str(tmp_path / "photos")}},
             {"name": "captions", "kind": "lines", "options": {"paths": str(tmp_path / "captions.txt")}},
         ],
-        "stages": ["ingest", "regions", "embed", "index", "retrieve", "phrases", "links", "gallery"],
+        "stages": list(STAGES),  # every stage, ingest to ground
         "regions": {"shard_size": 4},
         "gallery": {"min_score": 0.0},
         "retrieve": {"top_k": 3},
@@ -316,26 +317,54 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     assert con.execute("select sum(tagged) from tag_coverage").fetchone()[0] == n_tagged
     con.close()
 
-    # the patch gallery: every detection above the threshold, one per (concept, image), with a crop
+    # the patch gallery: every detection above the threshold, one per (concept, image), with a crop; plus the
+    # whole image under each ImageNet tag of probability >= 0.5
     con = connect(data_dir.catalog)
     n_candidates = con.execute(
         "select count(*) from (select distinct label, image_id from regions where region_idx > 0)"
     ).fetchone()[0]
-    assert (
-        n_candidates >= 1 and con.execute("select count(*) from patch_gallery").fetchone()[0] == n_candidates
+    n_detector = con.execute("select count(*) from patch_gallery where origin = 'detector'").fetchone()[0]
+    assert n_candidates >= 1 and n_detector == n_candidates
+    n_tagged = con.execute(
+        "select count(*) from (select unnest(tag_scores) s, unnest(tag_origins) o from image_tags) "
+        "where o = 'imagenet' and s >= 0.5"
+    ).fetchone()[0]
+    whole = con.execute(
+        "select count(*), count(*) filter (where region_idx = 0) from patch_gallery "
+        "where origin = 'image_tag'"
+    ).fetchone()
+    assert whole[0] == whole[1] <= n_tagged and (whole[0] > 0 or n_tagged == 0)
+    summary = dict(
+        con.execute("select concept, forms from gallery_summary where origin = 'detector'").fetchall()
     )
-    summary = dict(con.execute("select concept, forms from gallery_summary").fetchall())
     assert len(summary) == 80 and "traffic lights" in summary["traffic light"]
     thumbs = con.execute("select thumbnail from patch_gallery").fetchall()
+    # grounded words of every sentence, with exact spans, and the CMC coverage over them
+    bad_words = con.execute(
+        "select count(*) from grounded_words w join texts t using (text_id) "
+        "where substr(t.text, w.start_char + 1, w.end_char - w.start_char) <> w.word "
+        "or w.concept not in (select concept from patch_gallery)"
+    ).fetchone()[0]
+    cmc = con.execute(
+        "select sentences, grounded_words from cmc_coverage where origin = 'all'"
+    ).fetchone()  # fmt: skip
+    assert bad_words == 0 and cmc == (
+        con.execute("select count(*) from texts").fetchone()[0],
+        con.execute("select count(*) from grounded_words").fetchone()[0],
+    )
     con.close()
     assert all(Image.open(io.BytesIO(t)).size[0] <= 64 for (t,) in thumbs)
+    assert first["counts"]["ground"]["sentences"] == cmc[0] and "cmc_grounded_share" in first["quality"]
 
     q = first["quality"]  # published with the run; the clip-art images' own captions are known pairs
     assert q["images_evaluated"] >= 1 and 0 <= q["random_alignment_at_k"] <= 1
     assert (data_dir.root / "reports" / "corpus.html").read_text().count("class=card") >= 3
 
     again = build_corpus(config=str(path))
-    assert all(again["counts"][s].get("shards", 0) == 0 for s in ("regions", "retrieve", "phrases", "links"))
+    assert all(
+        again["counts"][s].get("shards", 0) == 0
+        for s in ("regions", "retrieve", "phrases", "links", "gallery", "ground")
+    )
 
 
 def test_dask_task_runner_on_a_local_cluster(prefect_stack, real, data_dir, tmp_path):

@@ -39,12 +39,13 @@ from vlp_core.objectives import (
     global_mean_scale,
     hard_negative_itm,
     mask_tokens,
+    masked_lm_loss,
     mlm_token_ids,
     step_seed,
+    swap_captions,
 )
 from vlp_core.recipes import FLAVA, FLAVAConfig, VLMo, VLMoConfig
-from vlp_core.recipes.flava import swap_captions
-from vlp_core.recipes.vlmo import MIM_SEED, masked_lm_loss
+from vlp_core.recipes.vlmo import MIM_SEED
 
 CAPTIONS = [
     "a red bus on a busy street",

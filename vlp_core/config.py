@@ -121,14 +121,30 @@ class LinkConfig(_Strict):
 
 
 class GalleryConfig(_Strict):
-    """VLMixer patch gallery: per detector concept, the best region of each image, capped."""
+    """VLMixer patch gallery: per concept, the best region of each image, capped. Concepts are the detector's
+    labels and, with ``image_tag_patches``, confident image-level (ImageNet) tags, whose patch is the whole
+    image (region 0)."""
 
     min_score: float = Field(0.3, description="detection confidence needed to enter the gallery")
     max_per_concept: int = Field(64, description="cap per concept (one patch per image keeps it diverse)")
     thumb_side: int = 64
+    image_tag_patches: bool = Field(
+        True, description="also add the whole image as a patch of each confident ImageNet tag"
+    )
+    image_tag_min_score: float = Field(
+        0.5, description="ImageNet tag probability needed (>= 0.5: the class outweighs all others together)"
+    )
 
 
-StageName = Literal["ingest", "regions", "embed", "index", "retrieve", "phrases", "links", "gallery"]
+class GroundConfig(_Strict):
+    """Grounded words (CMC) of every corpus sentence against the gallery's concepts."""
+
+    shard_size: int = Field(2048, description="sentences per shard")
+
+
+StageName = Literal[
+    "ingest", "regions", "embed", "index", "retrieve", "phrases", "links", "gallery", "ground"
+]
 STAGES: tuple[str, ...] = StageName.__args__  # pipeline order
 
 
@@ -144,6 +160,7 @@ class CorpusConfig(_Strict):
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    ground: GroundConfig = Field(default_factory=GroundConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     limit_per_source: int | None = Field(
         None, description="process only the first N units of each source (quick runs, smoke tests)"

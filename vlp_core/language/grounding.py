@@ -149,6 +149,19 @@ class ConceptVocabulary:
             for form in synonyms.get(label, ()):
                 self._add(form, label)
 
+    @classmethod
+    def from_forms(cls, forms: Mapping[str, Sequence[str]], nlp=None, **kwargs) -> ConceptVocabulary:
+        """A vocabulary whose patterns are exactly ``forms``: label → surface forms written as the ``forms``
+        column of the corpus's ``concepts`` table writes them (:attr:`patterns` keys: the lower-cased tokens
+        joined by single spaces, "ping - pong ball"). Nothing is pluralised or added, so matching follows
+        that table. A form listed under two labels keeps the first. ``kwargs`` as for the constructor."""
+        vocab = cls([], nlp=nlp, **kwargs)
+        vocab.labels = list(dict.fromkeys(forms))
+        for label, label_forms in forms.items():
+            for form in label_forms:
+                vocab._insert(tuple(form.lower().split()), label)
+        return vocab
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -157,14 +170,16 @@ class ConceptVocabulary:
         if not words:
             return
         for last in (words[-1], *plural_forms(words[-1])):
-            pattern = (*words[:-1], last)
-            if pattern in self.patterns:
-                continue
-            self.patterns[pattern] = concept
-            node = self._trie
-            for w in pattern:
-                node = node.setdefault(w, {})
-            node[_END] = concept
+            self._insert((*words[:-1], last), concept)
+
+    def _insert(self, pattern: tuple[str, ...], concept: str) -> None:
+        if not pattern or pattern in self.patterns:
+            return
+        self.patterns[pattern] = concept
+        node = self._trie
+        for w in pattern:
+            node = node.setdefault(w, {})
+        node[_END] = concept
 
     @overload
     def find(self, text: str) -> list[GroundedWord]: ...

@@ -32,12 +32,28 @@ from vlp_core.objectives.itm import (
     itm_loss,
     match_probability,
     sample_hard_negatives,
+    swap_captions,
+    swapped_texts,
 )
 from vlp_core.objectives.mim import KMeansCodebook, MIMHead, MIMTargets, block_mask, block_masks, mim_loss
-from vlp_core.objectives.mlm import mask_tokens, mlm_distill_loss, mlm_token_ids
+from vlp_core.objectives.mlm import mask_tokens, masked_lm_loss, mlm_distill_loss, mlm_token_ids
 from vlp_core.objectives.reduce import global_mean_scale, step_seed
+from vlp_core.objectives.regions import (
+    draw_masks,
+    global_item_mean,
+    per_sample_mean,
+    region_feature_loss,
+    token_set_loss,
+)
 
 __all__ = [
+    "draw_masks",
+    "global_item_mean",
+    "per_sample_mean",
+    "region_feature_loss",
+    "token_set_loss",
+    "swap_captions",
+    "swapped_texts",
     "ITMResult",
     "MomentumTwin",
     "global_mean_scale",
@@ -62,6 +78,7 @@ __all__ = [
     "freeze_",
     "itm_loss",
     "mask_tokens",
+    "masked_lm_loss",
     "match_probability",
     "mim_loss",
     "mlm_distill_loss",

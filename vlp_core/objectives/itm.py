@@ -26,6 +26,8 @@ __all__ = [
     "itm_loss",
     "match_probability",
     "sample_hard_negatives",
+    "swap_captions",
+    "swapped_texts",
 ]
 
 
@@ -260,3 +262,54 @@ def hard_negative_itm(
     correct = (logits.argmax(dim=1) == pairs.labels) & valid
     acc = correct.sum().float() / valid.sum().clamp(min=1)
     return ITMResult(loss=loss, accuracy=acc.detach(), logits=logits, labels=pairs.labels)
+
+
+#: XOR-ed into a sample's seed for its ITM swap draw.
+ITM_SEED = 0x1735_3A9C
+
+
+def swap_captions(
+    sample_seed: torch.Tensor, prob: float, global_batch: int, offset: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which local rows get another caption, and whose: ``(swap (B,) bool, partner (B,) global row)``.
+
+    Row ``i`` (global index ``offset + i``) swaps when a generator seeded by its sample seed draws below
+    ``prob``; its partner is another row of the global batch drawn by a generator seeded by ``seed`` (the
+    same on every rank). Both are functions of the samples and the step only, never of the process count.
+    """
+    n = sample_seed.shape[0]
+    swap = torch.tensor(
+        [
+            torch.rand((), generator=torch.Generator().manual_seed(int(s) ^ ITM_SEED)).item() < prob
+            for s in sample_seed
+        ]
+    )
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, max(2, global_batch), (global_batch,), generator=gen)[offset : offset + n]
+    partner = (torch.arange(offset, offset + n) + shift) % global_batch
+    return swap, partner
+
+
+def swapped_texts(
+    batch: dict[str, torch.Tensor], prob: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's captions with some swapped for others of the global batch (ITM negatives by random swap:
+    FLAVA p = 0.1, µ-VLA p = 0.5): ``(input_ids, attention_mask, labels)``, the texts padded to the longest
+    of any rank, ``labels`` 1 = match. A partner that is a caption of the same image (equal ``image_key``)
+    stays a match. Reads ``input_ids``, ``attention_mask``, ``image_key`` and ``sample_seed``; ``seed`` must
+    be the same on every rank (e.g. :func:`step_seed` of the step)."""
+    from vlp_core.distributed import gather_features, rank
+
+    ids, mask, keys = batch["input_ids"], batch["attention_mask"], batch["image_key"]
+    n = ids.shape[0]
+    lengths = gather_features(torch.tensor([ids.shape[1]], device=ids.device), with_grad=False)
+    longest = int(lengths.max())
+    ids_p, mask_p = F.pad(ids, (0, longest - ids.shape[1])), F.pad(mask, (0, longest - ids.shape[1]))
+    all_ids, all_mask = gather_features(ids_p, with_grad=False), gather_features(mask_p, with_grad=False)
+    all_keys = gather_features(keys, with_grad=False)
+    swap, partner = swap_captions(batch["sample_seed"].cpu(), prob, all_ids.shape[0], rank() * n, seed)
+    swap, partner = swap.to(ids.device), partner.to(ids.device)
+    new_ids = torch.where(swap[:, None], all_ids[partner], ids_p)
+    new_mask = torch.where(swap[:, None], all_mask[partner], mask_p)
+    labels = (~swap | (all_keys[partner] == keys)).long()
+    return new_ids, new_mask, labels

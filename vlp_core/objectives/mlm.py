@@ -8,7 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_tokens", "mlm_distill_loss", "mlm_token_ids"]
+from vlp_core.objectives.reduce import global_mean_scale
+
+__all__ = ["mask_tokens", "masked_lm_loss", "mlm_distill_loss", "mlm_token_ids"]
 
 
 def mlm_token_ids(tokenizer: Any) -> dict[str, Any]:
@@ -135,3 +137,13 @@ def mlm_distill_loss(
     soft_per_token = -(soft_targets * F.log_softmax(flat_logits, dim=-1)).sum(dim=-1)
     soft = (soft_per_token * masked).sum() / count
     return (1 - alpha) * ce + alpha * soft
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over already-selected ``(M, V)`` logits and ``(M,)`` labels, as its share of the global
+    mean over masked tokens (a graph-connected 0 when nothing is masked anywhere)."""
+    # Every rank joins the collective in global_mean_scale, also one without masked tokens.
+    scale = global_mean_scale(torch.tensor(labels.numel(), device=labels.device))
+    if labels.numel() == 0:
+        return logits.sum() * 0.0 * scale
+    return F.cross_entropy(logits.float(), labels) * scale

@@ -10,6 +10,10 @@ defines a config (a :class:`RecipeConfig` dataclass with presets), a :class:`Rec
   frozen) -> vision-language (two-head ITC, ITM on global hard negatives, MLM 0.25).
 - ``flava`` (:class:`FLAVA`, flava): MIM, MLM, global contrastive, MMM and ITM, round-robin over image-only,
   text-only and paired batches.
+- ``u-visualbert`` (:class:`UVisualBERT`, region_stream): round-robin over image-only batches (regions +
+  tags: masked tags, masked region classification and feature regression) and text-only MLM; no ITM.
+- ``mu-vla`` (:class:`MuVLA`, region_stream): region-tag, region-phrase (p-MRTC) and image-sentence (ITM +
+  MLM) alignment on retrieved pairs, with the match-probability curriculum.
 """
 
 from vlp_core.recipes.albef import ALBEF, ALBEFConfig
@@ -24,6 +28,8 @@ from vlp_core.recipes.base import (
     register_recipe,
 )
 from vlp_core.recipes.flava import FLAVA, FLAVAConfig
+from vlp_core.recipes.mu_vla import MuVLA, MuVLAConfig
+from vlp_core.recipes.regions import RegionRecipe, UVisualBERT, UVisualBERTConfig
 from vlp_core.recipes.vlmo import VLMo, VLMoConfig
 
 __all__ = [
@@ -32,9 +38,14 @@ __all__ = [
     "RECIPES",
     "ALBEFConfig",
     "FLAVAConfig",
+    "MuVLA",
+    "MuVLAConfig",
     "Recipe",
     "RecipeConfig",
+    "RegionRecipe",
     "Stage",
+    "UVisualBERT",
+    "UVisualBERTConfig",
     "VLMo",
     "VLMoConfig",
     "build_recipe",

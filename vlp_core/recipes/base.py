@@ -173,6 +173,11 @@ class Recipe(OnBackbone, nn.Module):
         return match_probability(self.itm_logits(image_in, text_in, text_mask))
 
     @property
+    def has_match_head(self) -> bool:
+        """Whether :meth:`itm_scores` means something (an ITM head that trains), so retrieval re-ranks."""
+        return getattr(self, "itm_head", None) is not None
+
+    @property
     def wants_image_targets(self) -> bool:
         """Whether the recipe trains masked image modelling, so the task must fit its targets (see
         :meth:`fit_targets_`) before step 0."""

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.distributed import gather_features, rank
 from vlp_core.models.backbones import FlavaBackbone
 from vlp_core.models.targets import GridCodebookTargets
 from vlp_core.models.text import MLMHead
@@ -39,16 +38,15 @@ from vlp_core.objectives import (
     Temperature,
     block_masks,
     global_mean_scale,
+    masked_lm_loss,
     mim_loss,
     step_seed,
+    swapped_texts,
 )
 from vlp_core.recipes.base import Recipe, RecipeConfig, Stage, register_recipe
-from vlp_core.recipes.vlmo import MIM_SEED, masked_lm_loss
+from vlp_core.recipes.vlmo import MIM_SEED
 
-__all__ = ["FLAVA", "FLAVAConfig", "swap_captions"]
-
-#: XOR-ed into a sample's seed for its ITM swap draw.
-ITM_SEED = 0x1735_3A9C
+__all__ = ["FLAVA", "FLAVAConfig"]
 
 
 @dataclass
@@ -96,28 +94,6 @@ class FLAVAConfig(RecipeConfig):
 
 
 FLAVAConfig.PRESETS = {"base": FLAVAConfig, "tiny": lambda: FLAVAConfig(embed_dim=128, codebook_size=64)}
-
-
-def swap_captions(
-    sample_seed: torch.Tensor, prob: float, global_batch: int, offset: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which local rows get another caption, and whose: ``(swap (B,) bool, partner (B,) global row)``.
-
-    Row ``i`` (global index ``offset + i``) swaps when a generator seeded by its sample seed draws below
-    ``prob``; its partner is another row of the global batch drawn by a generator seeded by ``seed`` (the
-    same on every rank). Both are functions of the samples and the step only, never of the process count.
-    """
-    n = sample_seed.shape[0]
-    swap = torch.tensor(
-        [
-            torch.rand((), generator=torch.Generator().manual_seed(int(s) ^ ITM_SEED)).item() < prob
-            for s in sample_seed
-        ]
-    )
-    gen = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, max(2, global_batch), (global_batch,), generator=gen)[offset : offset + n]
-    partner = (torch.arange(offset, offset + n) + shift) % global_batch
-    return swap, partner
 
 
 class FLAVA(Recipe):
@@ -214,23 +190,10 @@ class FLAVA(Recipe):
 
     def _itm(self, batch: dict[str, torch.Tensor], image_tokens: torch.Tensor, step: int):
         """ITM on the batch with some captions swapped for others of the global batch."""
-        ids, mask, keys = batch["input_ids"], batch["attention_mask"], batch["image_key"]
-        n = ids.shape[0]
-        lengths = gather_features(torch.tensor([ids.shape[1]], device=ids.device), with_grad=False)
-        longest = int(lengths.max())
-        ids_p, mask_p = F.pad(ids, (0, longest - ids.shape[1])), F.pad(mask, (0, longest - ids.shape[1]))
-        all_ids, all_mask = gather_features(ids_p, with_grad=False), gather_features(mask_p, with_grad=False)
-        all_keys = gather_features(keys, with_grad=False)
-        swap, partner = swap_captions(
-            batch["sample_seed"].cpu(), self.config.itm_swap_prob, all_ids.shape[0], rank() * n,
-            step_seed(self.config.seed, step, stream=1),
-        )  # fmt: skip
-        swap, partner = swap.to(ids.device), partner.to(ids.device)
-        new_ids = torch.where(swap[:, None], all_ids[partner], ids_p)
-        new_mask = torch.where(swap[:, None], all_mask[partner], mask_p)
-        labels = (~swap | (all_keys[partner] == keys)).long()  # another caption of the same image is a match
-        text = self.backbone.encode_text(new_ids, new_mask)
-        logits = self.itm_logits(image_tokens, text.hidden, new_mask)
+        seed = step_seed(self.config.seed, step, stream=1)
+        ids, mask, labels = swapped_texts(batch, self.config.itm_swap_prob, seed)
+        text = self.backbone.encode_text(ids, mask)
+        logits = self.itm_logits(image_tokens, text.hidden, mask)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(-1) == labels).float().mean()
         return loss, acc.detach()

@@ -43,25 +43,16 @@ from vlp_core.objectives import (
     block_masks,
     global_mean_scale,
     hard_negative_itm,
+    masked_lm_loss,
     mim_loss,
     step_seed,
 )
 from vlp_core.recipes.base import Recipe, RecipeConfig, Stage, register_recipe
 
-__all__ = ["VLMo", "VLMoConfig", "masked_lm_loss"]
+__all__ = ["VLMo", "VLMoConfig"]
 
 #: XOR-ed into a sample's seed for its image mask, so it is independent of its augmentation draw.
 MIM_SEED = 0x5EED_1A6E
-
-
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over already-selected ``(M, V)`` logits and ``(M,)`` labels, as its share of the global
-    mean over masked tokens (a graph-connected 0 when nothing is masked anywhere)."""
-    # Every rank joins the collective in global_mean_scale, also one without masked tokens.
-    scale = global_mean_scale(torch.tensor(labels.numel(), device=labels.device))
-    if labels.numel() == 0:
-        return logits.sum() * 0.0 * scale
-    return F.cross_entropy(logits.float(), labels) * scale
 
 
 @dataclass

@@ -33,7 +33,9 @@ from vlp_core.data import (
     make_pair_index,
     train_transform,
 )
+from vlp_core.data.regions import RegionCollator, RegionConfig, RegionImageDataset, RegionPairDataset
 from vlp_core.eval import RetrievalSet, evaluate_retrieval
+from vlp_core.models.backbones import RegionInputs
 from vlp_core.recipes import Recipe, build_recipe
 from vlp_core.tasks.base import TaskConfig, register_task, resolve_init
 from vlp_core.train.spec import Stream, TrainSpec
@@ -43,13 +45,15 @@ __all__ = ["PretrainTask", "heldout_retrieval_data", "pair_stream", "retrieval_e
 
 class PretrainTask(TaskConfig):
     """Pre-training. ``images`` / ``texts``: :class:`~vlp_core.data.UnimodalConfig` fields of the image-only
-    and text-only streams (recipes that draw them: FLAVA, VLMo's first stages); pairs come from
-    ``data.pairs``. ``codebook_images``: images the masked-image-modelling codebook is fitted on."""
+    and text-only streams (recipes that draw them: FLAVA, VLMo's first stages, U-VisualBERT, VLMixer); pairs
+    come from ``data.pairs``. ``codebook_images``: images the masked-image-modelling codebook is fitted on.
+    ``regions``: :class:`~vlp_core.data.RegionConfig` fields (region backbones)."""
 
     kind: str = "pretrain"
     images: dict[str, Any] = Field(default_factory=dict)
     texts: dict[str, Any] = Field(default_factory=dict)
     codebook_images: int = Field(256, gt=0)
+    regions: dict[str, Any] = Field(default_factory=dict)
 
 
 def heldout_retrieval_data(
@@ -94,9 +98,12 @@ def retrieval_eval(
 
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         index, texts, data = heldout_retrieval_data(store, pairs, config.eval.retrieval_images)
-        transform = eval_transform(model.image_size, model.image_mean, model.image_std)
-        images = PairDataset(store, index, transform, seed=0)
-        pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
+        if model.image_input_kind == "regions":
+            images = region_inputs(store, index, config, tokenizer)
+        else:
+            transform = eval_transform(model.image_size, model.image_mean, model.image_std)
+            dataset = PairDataset(store, index, transform, seed=0)
+            images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
         enc = tokenizer(
             texts["text"].to_pylist(),
             padding=True,
@@ -104,11 +111,14 @@ def retrieval_eval(
             max_length=config.data.max_len,
             return_tensors="pt",
         )
-        itm_k = config.eval.itm_rerank_k if getattr(model, "itm_head", None) is not None else 0
+        itm_k = config.eval.itm_rerank_k if model.has_match_head else 0
+        if model.has_match_head and getattr(model, "scores_all_pairs", False):
+            if len(index) * texts.num_rows <= config.eval.all_pairs_max:
+                itm_k = texts.num_rows  # every candidate of every query
         with torch.no_grad():
             return evaluate_retrieval(
                 model,
-                pixels,
+                images if torch.is_tensor(images) else (lambda: images.split(config.eval.batch_size)),
                 (enc["input_ids"], enc["attention_mask"]),
                 data,
                 device=device,
@@ -119,18 +129,30 @@ def retrieval_eval(
     return evaluate
 
 
+def region_config(config: Any) -> RegionConfig:
+    """The task's ``regions`` options (pretrain and retrieval tasks) as a :class:`RegionConfig`."""
+    return RegionConfig(**getattr(config.task, "regions", {}))
+
+
+def region_collator(config: Any, tokenizer: Any) -> RegionCollator:
+    return RegionCollator(
+        tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask, cfg=region_config(config)
+    )
+
+
+def region_inputs(store: ShardStore, index: pa.Table, config: Any, tokenizer: Any) -> RegionInputs:
+    """The regions of an index's images as one padded :class:`RegionInputs` (evaluation sets)."""
+    dataset = RegionImageDataset(store, index, region_config(config))
+    batch = region_collator(config, tokenizer)([dataset[i] for i in range(len(dataset))])
+    return RegionInputs.from_batch(batch)
+
+
 def pair_stream(config: Any, store: ShardStore, model: Recipe, pairs: PairsConfig, tokenizer: Any):
-    """The paired stream of ``data.pairs`` (+ facts for ``run.json``)."""
+    """The paired stream of ``data.pairs`` (+ facts for ``run.json``): images as pixels or, for a region
+    backbone, as the corpus's regions with the pairs' phrase links."""
     index = build_pair_index(store, pairs, seed=config.seed)
     if config.data.limit is not None:
         index = index.slice(0, config.data.limit)
-    transform = train_transform(
-        model.image_size,
-        model.image_mean,
-        model.image_std,
-        scale=tuple(config.data.crop_scale),
-        randaugment=config.data.randaugment,
-    )
     origins = index["origin"].value_counts().to_pylist()
     info = {
         "pairs": index.num_rows,
@@ -138,6 +160,16 @@ def pair_stream(config: Any, store: ShardStore, model: Recipe, pairs: PairsConfi
         "texts": len(set(index["text_id"].to_pylist())),
         "origins": {d["values"]: d["counts"] for d in origins},
     }
+    if model.image_input_kind == "regions":
+        dataset = RegionPairDataset(store, index, region_config(config), seed=config.seed)
+        return Stream(dataset, region_collator(config, tokenizer)), info
+    transform = train_transform(
+        model.image_size,
+        model.image_mean,
+        model.image_std,
+        scale=tuple(config.data.crop_scale),
+        randaugment=config.data.randaugment,
+    )
     collate = PretrainCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
     return Stream(PairDataset(store, index, transform, seed=config.seed), collate), info
 
@@ -175,15 +207,19 @@ def _build(config: Any, env: Any) -> TrainSpec:
     if "image" in kinds or model.wants_image_targets:
         ucfg = UnimodalConfig(**{**held, "sources": pairs.sources, **task.images})
         image_index = build_image_index(store, ucfg, seed=config.seed)
-        transform = train_transform(
-            model.image_size, model.image_mean, model.image_std, scale=tuple(config.data.crop_scale),
-            randaugment=config.data.randaugment,
-        )  # fmt: skip
         if "image" in kinds:
+            info["image_only"] = image_index.num_rows
+        if model.image_input_kind == "regions":
+            dataset = RegionImageDataset(store, image_index, region_config(config), seed=config.seed)
+            streams["image"] = Stream(dataset, region_collator(config, tokenizer))
+        elif "image" in kinds:
+            transform = train_transform(
+                model.image_size, model.image_mean, model.image_std, scale=tuple(config.data.crop_scale),
+                randaugment=config.data.randaugment,
+            )  # fmt: skip
             streams["image"] = Stream(
                 ImageDataset(store, image_index, transform, seed=config.seed), ImageCollator()
             )
-            info["image_only"] = image_index.num_rows
     if "text" in kinds:
         ucfg = UnimodalConfig(**{**held, **task.texts})
         text_index = build_text_index(store, ucfg, seed=config.seed)

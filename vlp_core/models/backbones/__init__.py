@@ -13,6 +13,8 @@ Known kinds:
   vision-language experts (VLMo).
 - ``flava`` (:class:`FlavaBackbone`): image encoder, text encoder and a single-stream multimodal encoder
   over ``[CLS_M; image; text]`` (FLAVA).
+- ``region_stream`` (:class:`RegionStreamBackbone`): one BERT stack over ``[CLS] words [SEP] regions`` with
+  the corpus's region features, tags carrying their region's box (µ-VLA, U-VisualBERT, VLMixer).
 """
 
 from vlp_core.models.backbones.base import (
@@ -27,6 +29,12 @@ from vlp_core.models.backbones.base import (
 from vlp_core.models.backbones.dual_stream import DualStreamBackbone, DualStreamConfig
 from vlp_core.models.backbones.flava import FlavaBackbone, FlavaConfig
 from vlp_core.models.backbones.multiway import MultiwayBackbone, MultiwayConfig
+from vlp_core.models.backbones.region_stream import (
+    RegionEmbedding,
+    RegionInputs,
+    RegionStreamBackbone,
+    RegionStreamConfig,
+)
 
 __all__ = [
     "BACKBONES",
@@ -39,6 +47,10 @@ __all__ = [
     "MultiwayBackbone",
     "MultiwayConfig",
     "OnBackbone",
+    "RegionEmbedding",
+    "RegionInputs",
+    "RegionStreamBackbone",
+    "RegionStreamConfig",
     "backbone_config",
     "build_backbone",
     "register_backbone",

@@ -43,6 +43,9 @@ class Backbone(nn.Module):
     width: int
     text_width: int
     image_width: int
+    #: what the image side reads: ``"pixels"`` (transformed images) or ``"regions"`` (the corpus's region
+    #: features and boxes, :class:`~vlp_core.models.backbones.region_stream.RegionInputs`).
+    image_input_kind: ClassVar[str] = "pixels"
 
     # -- the interface
     def encode_image(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None) -> ImageFeatures:
@@ -106,6 +109,10 @@ class OnBackbone:
     side needs, the backbone's roles and DDP arguments."""
 
     backbone: Backbone
+
+    @property
+    def image_input_kind(self) -> str:
+        return self.backbone.image_input_kind
 
     @property
     def image_size(self) -> int:
