@@ -105,10 +105,9 @@ def pretrain(
     overrides: dict[str, Any] | None = None,
     nproc: int = 1,
 ) -> dict[str, Any]:
-    """Pre-train ``method`` with the train preset ``config`` (default ``<method>_tiny``, ``-`` read as ``_``) +
-    dotted
-    ``overrides``, then evaluate zero-shot retrieval on the held-out clip art. ``nproc > 1`` runs torchrun
-    DDP (gloo on CPU, NCCL on GPUs)."""
+    """Pre-train ``method`` with the train preset ``config`` (default ``<method>_tiny``, ``-`` read as
+    ``_``) + dotted ``overrides``, then evaluate zero-shot retrieval on the held-out clip art. ``nproc > 1``
+    runs torchrun DDP (gloo on CPU, NCCL on GPUs)."""
     preset = config or f"{method.replace('-', '_')}_tiny"
     cfg = load_train_config(preset, {**(overrides or {}), "method": method})
     if cfg.task.kind != "pretrain":

@@ -98,7 +98,9 @@ def data_dir(tmp_path, monkeypatch) -> DataLayout:
 @pytest.fixture(scope="session")
 def train_corpus(prefect_stack, real) -> DataLayout:
     """A small real corpus for training tests: ~130 clip-art images of three categories with their
-    captions, pooled with the news sentences, built through ingest → regions → embed → index → retrieve."""
+    captions, pooled with the news sentences, built through ingest → regions → embed → index → retrieve →
+    phrases → links → gallery → ground (the region methods read the phrase links, VLMixer the gallery and the
+    grounded words)."""
     import yaml
 
     from flows.build_corpus import build_corpus
@@ -121,7 +123,17 @@ def train_corpus(prefect_stack, real) -> DataLayout:
             {"name": "openclipart", "kind": "openclipart", "options": {"root": str(oca)}},
             {"name": "news", "kind": "gensim_news"},
         ],
-        "stages": ["ingest", "regions", "embed", "index", "retrieve"],
+        "stages": [
+            "ingest",
+            "regions",
+            "embed",
+            "index",
+            "retrieve",
+            "phrases",
+            "links",
+            "gallery",
+            "ground",
+        ],
         "ingest": {"image_shard_size": 50},
         "regions": {"shard_size": 50},
     }

@@ -1,8 +1,8 @@
 """Visually grounded words for VLMixer's cross-modal CutMix (CMC; seed 000).
 
 CMC takes a text-only sentence, finds the words that name a concept of the patch gallery (the detector's
-labels), and replaces some of them with a patch of that concept. VLMixer has no public code, so every rule
-here is our reading of the slides and is a documented option:
+labels and confident ImageNet tags), and replaces some of them with a patch of that concept. VLMixer has no
+public code, so every rule here is our reading of the slides and is a documented option:
 
 - Matching is on tokens, never substrings ("catalog" does not contain the concept "cat"). A sentence token
   matches a pattern word when its lower-cased spaCy lemma *or* its lower-cased text equals it, so

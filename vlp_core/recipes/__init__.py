@@ -14,6 +14,9 @@ defines a config (a :class:`RecipeConfig` dataclass with presets), a :class:`Rec
   tags: masked tags, masked region classification and feature regression) and text-only MLM; no ITM.
 - ``mu-vla`` (:class:`MuVLA`, region_stream): region-tag, region-phrase (p-MRTC) and image-sentence (ITM +
   MLM) alignment on retrieved pairs, with the match-probability curriculum.
+- ``vlmixer`` (:class:`VLMixer`, region_stream): cross-modal CutMix on text-only batches (MLM on the mixed
+  sentence, CMCL between a sentence and its mixed view) and tag-aided visual pre-training on image-only
+  batches.
 """
 
 from vlp_core.recipes.albef import ALBEF, ALBEFConfig
@@ -30,6 +33,7 @@ from vlp_core.recipes.base import (
 from vlp_core.recipes.flava import FLAVA, FLAVAConfig
 from vlp_core.recipes.mu_vla import MuVLA, MuVLAConfig
 from vlp_core.recipes.regions import RegionRecipe, UVisualBERT, UVisualBERTConfig
+from vlp_core.recipes.vlmixer import VLMixer, VLMixerConfig
 from vlp_core.recipes.vlmo import VLMo, VLMoConfig
 
 __all__ = [
@@ -46,6 +50,8 @@ __all__ = [
     "Stage",
     "UVisualBERT",
     "UVisualBERTConfig",
+    "VLMixer",
+    "VLMixerConfig",
     "VLMo",
     "VLMoConfig",
     "build_recipe",

@@ -172,6 +172,11 @@ class Recipe(OnBackbone, nn.Module):
         """Match probability of each row pair: ``(N,)`` in [0, 1] (re-ranks retrieval; needs ``itm_head``)."""
         return match_probability(self.itm_logits(image_in, text_in, text_mask))
 
+    def cutmix_options(self) -> dict[str, Any] | None:
+        """Keyword arguments of :class:`~vlp_core.data.cutmix.CutMixCollator` when the recipe's text-only
+        batches carry cross-modal CutMix views (VLMixer), else ``None`` (plain text batches)."""
+        return None
+
     @property
     def has_match_head(self) -> bool:
         """Whether :meth:`itm_scores` means something (an ITM head that trains), so retrieval re-ranks."""

@@ -33,6 +33,7 @@ from vlp_core.data import (
     make_pair_index,
     train_transform,
 )
+from vlp_core.data.cutmix import CutMixCollator, GroundedTextDataset, load_gallery
 from vlp_core.data.regions import RegionCollator, RegionConfig, RegionImageDataset, RegionPairDataset
 from vlp_core.eval import RetrievalSet, evaluate_retrieval
 from vlp_core.models.backbones import RegionInputs
@@ -112,9 +113,9 @@ def retrieval_eval(
             return_tensors="pt",
         )
         itm_k = config.eval.itm_rerank_k if model.has_match_head else 0
-        if model.has_match_head and getattr(model, "scores_all_pairs", False):
-            if len(index) * texts.num_rows <= config.eval.all_pairs_max:
-                itm_k = texts.num_rows  # every candidate of every query
+        all_pairs = getattr(model, "scores_all_pairs", False)
+        if model.has_match_head and all_pairs and len(index) * texts.num_rows <= config.eval.all_pairs_max:
+            itm_k = texts.num_rows  # every candidate of every query
         with torch.no_grad():
             return evaluate_retrieval(
                 model,
@@ -223,8 +224,18 @@ def _build(config: Any, env: Any) -> TrainSpec:
     if "text" in kinds:
         ucfg = UnimodalConfig(**{**held, **task.texts})
         text_index = build_text_index(store, ucfg, seed=config.seed)
-        collate = TextCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
-        streams["text"] = Stream(TextDataset(store, text_index, seed=config.seed), collate)
+        cutmix = model.cutmix_options()
+        if cutmix is not None:
+            gallery = load_gallery(store)
+            dataset = GroundedTextDataset(store, text_index, set(gallery.feats), seed=config.seed)
+            collate = CutMixCollator(
+                tokenizer, gallery, config.data.max_len, whole_word=config.data.whole_word_mask, **cutmix
+            )
+            info["gallery_patches"] = len(gallery)
+        else:
+            dataset = TextDataset(store, text_index, seed=config.seed)
+            collate = TextCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
+        streams["text"] = Stream(dataset, collate)
         info["text_only"] = text_index.num_rows
     if model.wants_image_targets:
         # The masked-image-modelling codebook: k-means over the target encoder's features of the first

@@ -25,7 +25,9 @@ class RetrievalTask(TaskConfig):
 
     kind: str = "retrieval"
     losses: list[str] | None = Field(None, description="e.g. [itc, itm]; the others get weight 0")
-    regions: dict[str, Any] = Field(default_factory=dict, description="RegionConfig fields (region backbones)")
+    regions: dict[str, Any] = Field(
+        default_factory=dict, description="RegionConfig fields (region backbones)"
+    )
 
 
 def retrieval_recipe_config(config: Any) -> Any:

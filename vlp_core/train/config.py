@@ -96,7 +96,8 @@ class EvalConfig(_Strict):
     retrieval_images: int | None = Field(500, description="cap on held-out images scored (null = all)")
     itm_rerank_k: int = Field(16, ge=0, description="re-rank each query's ITC top-k with ITM (0 = ITC only)")
     all_pairs_max: int = Field(
-        20000, ge=0,
+        20000,
+        ge=0,
         description="single-stream models (no dual encoder) score every image-text pair with the match head "
         "when images x texts <= this; above it they re-rank the pooled-cosine top itm_rerank_k",
     )
