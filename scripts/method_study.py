@@ -1,5 +1,10 @@
 """The method study at CPU scale: zero-shot retrieval on the held-out clip art and easy-VQA accuracy after VQA
-fine-tuning, for no vision-language pre-training, ALBEF, VLMo and FLAVA, over several seeds, at one budget.
+fine-tuning, for no vision-language pre-training (pixel and region backbones), ALBEF, VLMo, FLAVA, µ-VLA (also
+on random and true pairs), U-VisualBERT and VLMixer (and its ablation), over several seeds, at one budget.
+
+Region methods: µ-VLA's retrieval is its match head over every held-out pair (the ``itm_*`` rows; its
+``itc_*`` rows are the pooled-output cosine), U-VisualBERT's and VLMixer's is the cosine of pooled outputs
+(VLMixer through its CMCL projection); their VQA reads the easy-VQA images' regions from the corpus store.
 
 For each method and seed (every run an ordinary ``python -m vlp_core.train`` child process with
 ``OMP_NUM_THREADS=--threads``, ``--parallel`` at a time, under ``<data>/runs/train/``):
@@ -54,8 +59,39 @@ from study_runs import (
     train_command,
 )
 
-METHODS = ("none", "albef", "vlmo", "flava")
-LABELS = {"none": "no VLP", "albef": "ALBEF", "vlmo": "VLMo", "flava": "FLAVA"}
+#: study key -> (method, its pre-training overrides, label). ``none`` / ``none-regions``: no VL pre-training
+#: on the pixel (ALBEF's) / the region (µ-VLA's) backbone. ``<method>:<variant>``: µ-VLA on other pairs, and
+#: the VLMixer ablation of seed 000 (MLM only; + CMC; + CMC + CMCL; all = + TAVP; TAVP alone).
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "none": ("albef", {}, "no VLP"),
+    "none-regions": ("mu-vla", {}, "no VLP (regions)"),
+    "albef": ("albef", {}, "ALBEF"),
+    "vlmo": ("vlmo", {}, "VLMo"),
+    "flava": ("flava", {}, "FLAVA"),
+    "mu-vla": ("mu-vla", {}, "µ-VLA"),
+    "mu-vla:random": ("mu-vla", {"data.pairs.mode": "random"}, "µ-VLA random pairs"),
+    "mu-vla:known": ("mu-vla", {"data.pairs.mode": "known"}, "µ-VLA true pairs"),
+    "u-visualbert": ("u-visualbert", {}, "U-VisualBERT"),
+    "vlmixer": ("vlmixer", {}, "VLMixer"),
+    "vlmixer:mlm": (
+        "vlmixer",
+        {
+            "recipe.cmc_prob": 0.0,
+            "recipe.cmcl_weight": 0.0,
+            "recipe.mix_weights": {"text": 1.0, "image": 0.0},
+        },
+        "VLMixer MLM only",
+    ),  # fmt: skip
+    "vlmixer:cmc": (
+        "vlmixer",
+        {"recipe.cmcl_weight": 0.0, "recipe.mix_weights": {"text": 1.0, "image": 0.0}},
+        "VLMixer MLM + CMC",
+    ),  # fmt: skip
+    "vlmixer:cmcl": ("vlmixer", {"recipe.mix_weights": {"text": 1.0, "image": 0.0}}, "VLMixer + CMC + CMCL"),
+    "vlmixer:tavp": ("vlmixer", {"recipe.mix_weights": {"text": 0.0, "image": 1.0}}, "VLMixer TAVP only"),
+}
+METHODS = tuple(VARIANTS)
+LABELS = {k: v[2] for k, v in VARIANTS.items()}
 #: (row label, which eval.json, key)
 ROWS = [
     *((f"{d} R@{k}", "retrieval", f"itc_{d}_r{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)),
@@ -68,6 +104,7 @@ ITM_ROWS = [(f"ITM {d} R@{k}", "retrieval", f"itm_{d}_r{k}") for d in ("i2t", "t
 BUDGET = (
     "seed", "max_steps", "batch_size", "optim.lr", "optim.min_lr", "init_from", "eval.retrieval_images",
     "eval.itm_rerank_k", "task.eval_questions", "recipe.vision_steps", "recipe.language_steps",
+    "data.pairs.mode", "recipe.cmc_prob", "recipe.cmcl_weight", "recipe.mix_weights", "method",
 )  # fmt: skip
 
 
@@ -80,16 +117,19 @@ def plan(method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any
     """The runs of one (method, seed), in order: retrieval (pre-training or the untrained model), VQA."""
     runs = Path(args.data_dir) / "runs" / "train"
     common = {"data_dir": args.data_dir, "seed": seed, "data.num_workers": args.num_workers}
-    if method == "none":
-        name, config, arch = f"{args.prefix}-none-s{seed}", "albef_tiny", "albef"
+    arch, extra, _ = VARIANTS[method]
+    config = f"{arch.replace('-', '_')}_tiny"
+    tag = method.replace(":", "-")
+    if method.startswith("none"):
+        name = f"{args.prefix}-{tag}-s{seed}"
         pre_sets = {"name": name, **common}
     else:
-        name, config, arch = f"{args.prefix}-s{seed}", f"{method}_tiny", method
+        name = f"{args.prefix}-s{seed}" if tag == arch else f"{args.prefix}-{tag}-s{seed}"
         pre_sets = {
             "name": name, **common, "max_steps": args.steps, "batch_size": args.batch_size,
-            **lr_sets(args.lr), "keep_checkpoints": 1,
+            **lr_sets(args.lr), "keep_checkpoints": 1, **extra,
         }  # fmt: skip
-        if method == "vlmo":
+        if arch == "vlmo":
             n = min(round(args.steps * args.vlmo_stage_frac), (args.steps - 1) // 2)
             pre_sets |= {"recipe.vision_steps": n, "recipe.language_steps": n}
     pre_dir = runs / f"pretrain-{arch}-{name}"
@@ -97,13 +137,14 @@ def plan(method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any
         "run_dir": str(pre_dir), "eval.retrieval_images": args.eval_images, "eval.itm_rerank_k": args.itm_k,
         **args.pretrain_set,
     }  # fmt: skip
-    vqa_name = f"{args.prefix}-{method}-s{seed}"
+    vqa_name = f"{args.prefix}-{tag}-s{seed}"
     vqa_dir = runs / f"vqa-{arch}-{vqa_name}"
-    init = None if method == "none" else str(pre_dir)
+    init = None if method.startswith("none") else str(pre_dir)
     vqa_sets = {
         "name": vqa_name, "run_dir": str(vqa_dir), **common, "init_from": init, "max_steps": args.vqa_steps,
         "batch_size": args.vqa_batch_size, **lr_sets(args.vqa_lr), "keep_checkpoints": 1,
         "task.eval_questions": args.vqa_questions,
+        **({"method": arch} if init is None else {}),
         **args.vqa_set,
     }  # fmt: skip
     return [
@@ -112,7 +153,7 @@ def plan(method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any
             "config": config,
             "sets": pre_sets,
             "dir": pre_dir,
-            "eval_only": method == "none",
+            "eval_only": method.startswith("none"),
         },
         {"what": "vqa", "config": "vqa_easy", "sets": vqa_sets, "dir": vqa_dir, "eval_only": False},
     ]

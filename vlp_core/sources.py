@@ -259,19 +259,34 @@ class OpenClipArtSource(ImageDirSource):
 
 
 class EasyVQASource(ImageDirSource):
-    """The easy-VQA images shipped in the ``easy-vqa`` package; category = split (train / test)."""
+    """The easy-VQA images shipped in the ``easy-vqa`` package; category = split (train / test).
+
+    ``limit_per_split``: keep the first N images (by file name) of each named split, e.g. ``{train: 1000,
+    test: 300}`` (the quick start: enough for its VQA runs); a split not named keeps all its images."""
 
     kind = "easy_vqa"
 
-    def __init__(self, name: str, root: str | Path | None = None):
+    def __init__(
+        self, name: str, root: str | Path | None = None, limit_per_split: dict[str, int] | None = None
+    ):
         if root is None:
             import easy_vqa
 
             root = Path(easy_vqa.__file__).parent / "data"
         super().__init__(name, root, category_from_dir=True)
+        self.limit_per_split = dict(limit_per_split or {})
 
     def units(self) -> list[Unit]:
-        return [u for u in super().units() if "/images/" in u.key]
+        units = [u for u in super().units() if "/images/" in u.key]
+        if not self.limit_per_split:
+            return units
+        kept, seen = [], {}
+        for u in units:
+            split = u.key.split("/", 1)[0]
+            seen[split] = seen.get(split, 0) + 1
+            if seen[split] <= self.limit_per_split.get(split, len(units)):
+                kept.append(u)
+        return kept
 
 
 _WDS_CAPTION_KEYS = ("caption", "text", "txt")

@@ -48,11 +48,12 @@ import torch
 from torch.utils.data import Dataset
 
 from stores.shards import ShardStore
-from vlp_core.data.collate import _MaskedText
+from vlp_core.data.collate import _MaskedText, _tokenize
 from vlp_core.data.pairs import _as_store, _read_sentences, _RowGroupCache, _split_key, _table_files
 from vlp_core.data.sampler import sample_seed
 
 __all__ = [
+    "RegionVQADataset",
     "RegionCollator",
     "RegionConfig",
     "RegionImageDataset",
@@ -439,4 +440,54 @@ class RegionCollator(_MaskedText):
             text, _ = self._encode(samples)
             batch |= text | self._links(samples, text["input_ids"].shape[1])
             batch["text_key"] = torch.tensor([int(s["text_key"]) for s in samples], dtype=torch.int64)
+        if "question" in samples[0]:  # VQA
+            enc = _tokenize(self.tokenizer, [s["question"] for s in samples], self.max_len)
+            batch |= {
+                "input_ids": enc["input_ids"].long(),
+                "attention_mask": enc["attention_mask"].long(),
+                "answer_scores": torch.stack([s["answer_scores"] for s in samples]).float(),
+                "question_id": torch.tensor([int(s["question_id"]) for s in samples], dtype=torch.int64),
+            }
         return batch
+
+
+class RegionVQADataset(Dataset):
+    """VQA samples with the image as its corpus regions: ``{**RegionReader.sample, "question",
+    "answer_scores", "question_id", "image_key", "sample_seed"}``; batch them with :class:`RegionCollator`
+    (questions become ``input_ids`` / ``attention_mask``, ``answer_scores`` and ``question_id`` are stacked).
+
+    ``image_ids``: each record's store id (the content hash of its image file, as ingest computes it).
+
+    Raises:
+        KeyError: an image has no regions in the store (ingest the VQA images into the corpus).
+    """
+
+    def __init__(
+        self,
+        store: ShardStore | str | Path,
+        records: list[Any],
+        image_ids: list[str],
+        vocab: Any,
+        cfg: RegionConfig | None = None,
+        seed: int = 0,
+    ):
+        self.records, self.vocab, self.seed = records, vocab, int(seed)
+        uniq = sorted(set(image_ids))
+        where = {s: i for i, s in enumerate(uniq)}
+        self._row_image = np.array([where[s] for s in image_ids], np.int64)
+        self.reader = RegionReader(_as_store(store), uniq, cfg or RegionConfig())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = _split_key(key, len(self))
+        rec = self.records[index]
+        return {
+            **self.reader.sample(int(self._row_image[index])),
+            "question": rec.question,
+            "answer_scores": self.vocab.scores(rec),
+            "question_id": rec.question_id,
+            "image_key": int(self._row_image[index]),
+            "sample_seed": sample_seed(self.seed, epoch, index),
+        }

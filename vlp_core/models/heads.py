@@ -76,7 +76,8 @@ class AnswerClassifier(OnBackbone, nn.Module):
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``(B, 3, S, S)``, question ``(B, L)`` ids and mask -> ``(B, A)`` answer logits."""
+        """Images (``(B, 3, S, S)`` pixels or regions), question ``(B, L)`` ids and mask -> ``(B, A)``
+        answer logits."""
         return self.head(self.backbone.fuse(pixel_values, input_ids, attention_mask).pooled)
 
     def forward(
@@ -89,7 +90,7 @@ class AnswerClassifier(OnBackbone, nn.Module):
         stage: str | None = None,
     ) -> ModelOutput:
         """Loss :func:`vqa_loss` on ``batch["answer_scores"]`` (B, A); metrics ``loss_vqa``, ``vqa_score``."""
-        logits = self.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        logits = self.logits(self.image_batch(batch), batch["input_ids"], batch["attention_mask"])
         scores = batch["answer_scores"]
         loss = vqa_loss(logits, scores)
         metrics = {"loss_vqa": loss.detach(), "vqa_score": vqa_score(logits.detach(), scores)}

@@ -75,6 +75,10 @@ class RecipeConfig(PresetConfig):
 
     registry_name: ClassVar[str] = ""
 
+    def finetune_overrides(self) -> dict[str, Any]:
+        """Fields a fine-tuning task sets besides the loss weights (e.g. µ-VLA's curriculum off)."""
+        return {}
+
     def loss_weights(self) -> dict[str, float]:
         return {
             f.name[: -len("_weight")]: getattr(self, f.name)

@@ -92,6 +92,10 @@ class MuVLAConfig(RecipeConfig):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
 
+    def finetune_overrides(self) -> dict[str, float]:
+        """Fine-tuning trains its losses unweighted: the curriculum never starts."""
+        return {"curriculum_epochs": float("inf")}
+
 
 #: tiny: the quick start's 150 steps are about one epoch of retrieved pairs, so the weighted phase starts
 #: half-way through to be seen at all.

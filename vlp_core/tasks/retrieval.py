@@ -31,7 +31,8 @@ class RetrievalTask(TaskConfig):
 
 
 def retrieval_recipe_config(config: Any) -> Any:
-    """The method's recipe config with every loss not in the task's losses at weight 0."""
+    """The method's recipe config with every loss not in the task's losses at weight 0 (and the recipe's
+    :meth:`~vlp_core.recipes.RecipeConfig.finetune_overrides`)."""
     from vlp_core.recipes import RECIPES
 
     rcfg = config.recipe_config()
@@ -40,7 +41,8 @@ def retrieval_recipe_config(config: Any) -> Any:
     unknown = sorted(set(losses) - set(weights))
     if unknown:
         raise ValueError(f"task.losses {unknown}: {config.method} has the losses {sorted(weights)}")
-    return config_from_dict(rcfg, {f"{name}_weight": 0.0 for name in weights if name not in losses})
+    zero = {f"{name}_weight": 0.0 for name in weights if name not in losses}
+    return config_from_dict(rcfg, {**rcfg.finetune_overrides(), **zero})
 
 
 def _build(config: Any, env: Any) -> TrainSpec:

@@ -114,6 +114,15 @@ class OnBackbone:
     def image_input_kind(self) -> str:
         return self.backbone.image_input_kind
 
+    def image_batch(self, batch: dict[str, Any]) -> Any:
+        """What the backbone's image side takes from a collated batch: ``pixel_values``, or the regions
+        (:class:`~vlp_core.models.backbones.region_stream.RegionInputs`) for a region backbone."""
+        if self.image_input_kind == "regions":
+            from vlp_core.models.backbones.region_stream import RegionInputs
+
+            return RegionInputs.from_batch(batch)
+        return batch["pixel_values"]
+
     @property
     def image_size(self) -> int:
         return self.backbone.image_size
