@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import Dataset
 
 from stores.shards import ShardStore
 from vlp_core.data.collate import _MaskedText
-from vlp_core.data.pairs import _as_store, _read_sentences, _split_key
-from vlp_core.data.sampler import sample_seed
+from vlp_core.data.pairs import _as_store, _split_key
+from vlp_core.data.unimodal import TextDataset
 from vlp_core.language.grounding import GroundedWord, cutmix_choices
 from vlp_core.objectives import mask_tokens
 
@@ -78,16 +77,14 @@ def load_gallery(store: ShardStore | str | Path) -> Gallery:
     return Gallery({c: np.stack(v) for c, v in feats.items()}, {c: np.stack(v) for c, v in boxes.items()})
 
 
-class GroundedTextDataset(Dataset):
-    """Text-only samples of a text index (``text_id``, ``text_key``) with their grounded words: ``{"text",
-    "text_key", "sample_seed", "grounded": [(start_char, end_char, concept)]}``; only words whose concept
-    has patches in ``concepts`` (the gallery's) are kept."""
+class GroundedTextDataset(TextDataset):
+    """Text-only samples of a text index (``text_id``, ``text_key``) with their grounded words: a
+    :class:`~vlp_core.data.unimodal.TextDataset` sample plus ``"grounded": [(start_char, end_char,
+    concept)]``; only words whose concept has patches in ``concepts`` (the gallery's) are kept."""
 
     def __init__(self, store: ShardStore | str | Path, index: pa.Table, concepts: set[str], seed: int = 0):
         store = _as_store(store)
-        self.seed = int(seed)
-        self.text_keys = index["text_key"].to_numpy().astype(np.int64)
-        self._texts, self._row_text = _read_sentences(store, index["text_id"], "text index")
+        super().__init__(store, index, seed)
         wanted = set(index["text_id"].to_pylist())
         rows = store.read_table("grounded_words", ["text_id", "start_char", "end_char", "concept"]).to_pydict()
         grounded: dict[str, set[tuple[int, int, str]]] = {}
@@ -97,17 +94,10 @@ class GroundedTextDataset(Dataset):
         self._text_ids = index["text_id"].to_pylist()
         self._grounded = {t: sorted(g) for t, g in grounded.items()}
 
-    def __len__(self) -> int:
-        return len(self.text_keys)
-
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        epoch, index = _split_key(key, len(self))
-        return {
-            "text": self._texts[int(self._row_text[index])].as_py(),
-            "text_key": int(self.text_keys[index]),
-            "sample_seed": sample_seed(self.seed, epoch, index),
-            "grounded": list(self._grounded.get(self._text_ids[index], [])),
-        }
+        sample = super().__getitem__(key)
+        _, index = _split_key(key, len(self))
+        return sample | {"grounded": list(self._grounded.get(self._text_ids[index], []))}
 
 
 class CutMixCollator(_MaskedText):

@@ -32,6 +32,7 @@ __all__ = [
     "load_part_",
     "pool_text",
     "read_bert_checkpoint",
+    "require_layers",
 ]
 
 
@@ -214,6 +215,13 @@ def read_bert_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if ours is not None:
             out[ours] = tensor
     return out
+
+
+def require_layers(state: dict[str, torch.Tensor], n: int, what: str) -> None:
+    """Raise ``ValueError`` unless the renamed checkpoint ``state`` has at least ``n`` layers for ``what``."""
+    have = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layers.")), default=-1)
+    if have < n:
+        raise ValueError(f"the checkpoint has {have} layers for a {n}-layer {what}")
 
 
 def load_part_(module: nn.Module, state: dict[str, torch.Tensor], renames: dict[str, str]) -> list[str]:

@@ -37,8 +37,8 @@ from vlp_core.distributed import gather_features
 from vlp_core.models.backbones import RegionStreamBackbone
 from vlp_core.models.outputs import ModelOutput
 from vlp_core.objectives import draw_masks, match_probability, per_sample_mean, token_set_loss
-from vlp_core.recipes.base import RecipeConfig, register_recipe
-from vlp_core.recipes.regions import MASK_TOKEN_ID, RegionRecipe, reduce_items
+from vlp_core.recipes.base import register_recipe
+from vlp_core.recipes.regions import MASK_TOKEN_ID, RegionRecipe, RegionRecipeConfig, reduce_items
 
 __all__ = ["MuVLA", "MuVLAConfig", "curriculum_loss"]
 
@@ -47,18 +47,16 @@ LINK_SALT = 0x5EED_0004
 
 
 @dataclass
-class MuVLAConfig(RecipeConfig):
-    """µ-VLA's objectives and curriculum (module docstring).
+class MuVLAConfig(RegionRecipeConfig):
+    """µ-VLA's objectives and curriculum (module docstring; masking and ITM fields:
+    :class:`~vlp_core.recipes.regions.RegionRecipeConfig`, R-T masked as U-VisualBERT's).
 
     Args:
         tag_mlm_weight, mrc_weight, mrfr_weight: R-T. rp_mlm_weight, rp_mrtc_weight: R-P.
         itm_weight, mlm_weight: I-S.
-        region_mask_prob, tag_mask_prob, tag_mask_prob_region_masked: R-T masking (as U-VisualBERT's).
         link_mask_scale: multiplies each link's stored mask probability (1.0 = the corpus's 0.15 × score).
-        itm_swap_prob: probability that a pair's sentence is swapped for a random one (an ITM negative).
         curriculum_epochs: m; the weighted phase starts at epoch m (fractions allowed; 0 = from the start).
         curriculum_weighting: ``per_sample`` (the paper) or ``batch_mean`` (the reference code).
-        seed: ITM swap partners.
     """
 
     registry_name: ClassVar[str] = "mu-vla"
@@ -70,27 +68,18 @@ class MuVLAConfig(RecipeConfig):
     rp_mrtc_weight: float = 1.0
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
-    region_mask_prob: float = 0.15
-    tag_mask_prob: float = 0.15
-    tag_mask_prob_region_masked: float = 0.9
     link_mask_scale: float = 1.0
-    itm_swap_prob: float = 0.5
     curriculum_epochs: float = 1.0
     curriculum_weighting: str = "per_sample"
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.loss_weights().values()) < 0:
-            raise ValueError("loss weights must be >= 0")
+        super().__post_init__()
         if self.curriculum_weighting not in ("per_sample", "batch_mean"):
             raise ValueError(
                 f"curriculum_weighting must be per_sample or batch_mean, got {self.curriculum_weighting!r}"
             )
         if self.curriculum_epochs < 0 or self.link_mask_scale < 0:
             raise ValueError("curriculum_epochs and link_mask_scale must be >= 0")
-        for name in ("region_mask_prob", "tag_mask_prob", "tag_mask_prob_region_masked", "itm_swap_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
 
     def finetune_overrides(self) -> dict[str, float]:
         """Fine-tuning trains its losses unweighted: the curriculum never starts."""
@@ -188,10 +177,7 @@ class MuVLA(RegionRecipe):
         loss = batch["region_feats"].new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         if weights["tag_mlm"] or weights["mrc"] or weights["mrfr"]:
-            items = self.region_tag_pass(
-                batch, cfg.region_mask_prob, cfg.tag_mask_prob, cfg.tag_mask_prob_region_masked
-            )
-            loss, metrics = reduce_items(items, weights)
+            loss, metrics = reduce_items(self.region_tag_items(batch), weights)
         items = {}
         if weights["rp_mlm"] or weights["rp_mrtc"]:
             items |= self.region_phrase_pass(batch)

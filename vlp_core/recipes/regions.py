@@ -48,7 +48,7 @@ from vlp_core.objectives import (
 )
 from vlp_core.recipes.base import Recipe, RecipeConfig, Stage, register_recipe
 
-__all__ = ["ItemLosses", "RegionRecipe", "UVisualBERT", "UVisualBERTConfig"]
+__all__ = ["ItemLosses", "RegionRecipe", "RegionRecipeConfig", "UVisualBERT", "UVisualBERTConfig"]
 
 #: salts XOR-ed into a sample's seed, one per draw.
 REGION_SALT = 0x5EED_0001
@@ -58,6 +58,32 @@ MASK_TOKEN_ID = 103
 
 #: per-item losses of one pass: name -> (values (M,), the batch row of each item (M,)).
 ItemLosses = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RegionRecipeConfig(RecipeConfig):
+    """What every region recipe's config has: the region-tag pass's masking and random-swap ITM.
+
+    Args:
+        region_mask_prob, tag_mask_prob, tag_mask_prob_region_masked: the region-tag pass's masking
+            (U-VisualBERT's 0.15 / 0.15 / 0.9).
+        itm_swap_prob: probability that a pair's sentence is swapped for a random one of the global batch (an
+            ITM negative).
+        seed: ITM swap partners.
+    """
+
+    region_mask_prob: float = 0.15
+    tag_mask_prob: float = 0.15
+    tag_mask_prob_region_masked: float = 0.9
+    itm_swap_prob: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.loss_weights().values(), default=0.0) < 0:
+            raise ValueError("loss weights must be >= 0")
+        for name in ("region_mask_prob", "tag_mask_prob", "tag_mask_prob_region_masked", "itm_swap_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
 
 
 class RegionRecipe(Recipe):
@@ -149,6 +175,24 @@ class RegionRecipe(Recipe):
             "mrfr": (mrfr, region_rows),
         }
 
+    def region_tag_items(self, batch: dict[str, torch.Tensor]) -> ItemLosses:
+        """:meth:`region_tag_pass` with the config's masking."""
+        cfg = self.config
+        return self.region_tag_pass(
+            batch, cfg.region_mask_prob, cfg.tag_mask_prob, cfg.tag_mask_prob_region_masked
+        )
+
+    def pair_itm(
+        self, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ``pair`` batches of recipes whose pre-training has none (retrieval fine-tuning): weighted
+        random-swap ITM and its metrics."""
+        cfg = self.config
+        per_row, labels, logits = self.swap_itm(batch, cfg.itm_swap_prob, cfg.seed, step)
+        itm = per_row.mean()
+        acc = (logits.argmax(-1) == labels).float().mean().detach()
+        return cfg.itm_weight * itm, {"loss_itm": itm.detach(), "itm_acc": acc}
+
     def text_mlm(self, batch: dict[str, torch.Tensor], regions: RegionInputs | None = None) -> ItemLosses:
         """MLM on the collator's masked sentence, alone or with ``regions`` (µ-VLA's I-S MLM)."""
         b = self.backbone
@@ -221,17 +265,15 @@ def reduce_items(
 
 
 @dataclass
-class UVisualBERTConfig(RecipeConfig):
-    """U-VisualBERT's objectives (see the module docstring).
+class UVisualBERTConfig(RegionRecipeConfig):
+    """U-VisualBERT's objectives (see the module docstring; masking and ITM fields:
+    :class:`RegionRecipeConfig`).
 
     Args:
         mlm_weight: text-only MLM. tag_mlm_weight, mrc_weight, mrfr_weight: the region-tag pass.
         itm_weight: random-swap ITM on pairs; 0 in pre-training (U-VisualBERT has none), retrieval
             fine-tuning turns it on.
-        region_mask_prob, tag_mask_prob, tag_mask_prob_region_masked: the region-tag pass's masking.
-        itm_swap_prob: share of swapped captions for ITM.
         mixing, mix_weights: ``round_robin`` over image-only and text-only batches, or ``weighted``.
-        seed: ITM swap partners.
     """
 
     registry_name: ClassVar[str] = "u-visualbert"
@@ -241,20 +283,8 @@ class UVisualBERTConfig(RecipeConfig):
     mrc_weight: float = 1.0
     mrfr_weight: float = 1.0
     itm_weight: float = 0.0
-    region_mask_prob: float = 0.15
-    tag_mask_prob: float = 0.15
-    tag_mask_prob_region_masked: float = 0.9
-    itm_swap_prob: float = 0.5
     mixing: str = "round_robin"
     mix_weights: dict[str, float] = field(default_factory=lambda: {"image": 1.0, "text": 1.0})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if min(self.loss_weights().values()) < 0:
-            raise ValueError("loss weights must be >= 0")
-        for name in ("region_mask_prob", "tag_mask_prob", "tag_mask_prob_region_masked", "itm_swap_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
 
 
 UVisualBERTConfig.PRESETS = {"base": UVisualBERTConfig, "tiny": UVisualBERTConfig}
@@ -275,18 +305,11 @@ class UVisualBERT(RegionRecipe):
         return [Stage("main", None, ("image", "text"), mixing=cfg.mixing, weights=dict(cfg.mix_weights))]
 
     def losses(self, kind: str, batch: dict[str, torch.Tensor], step: int):
-        cfg = self.config
         if kind == "image":
-            items = self.region_tag_pass(
-                batch, cfg.region_mask_prob, cfg.tag_mask_prob, cfg.tag_mask_prob_region_masked
-            )
-            return reduce_items(items, cfg.loss_weights())
+            return reduce_items(self.region_tag_items(batch), self.config.loss_weights())
         if kind == "text":
-            return reduce_items(self.text_mlm(batch), cfg.loss_weights())
-        per_row, labels, logits = self.swap_itm(batch, cfg.itm_swap_prob, cfg.seed, step)
-        itm = per_row.mean()
-        acc = (logits.argmax(-1) == labels).float().mean().detach()
-        return cfg.itm_weight * itm, {"loss_itm": itm.detach(), "itm_acc": acc}
+            return reduce_items(self.text_mlm(batch), self.config.loss_weights())
+        return self.pair_itm(batch, step)
 
 
 register_recipe(UVisualBERTConfig, UVisualBERT, "region_stream")

@@ -36,15 +36,16 @@ from torch import nn
 
 from vlp_core.models.backbones import RegionInputs, RegionStreamBackbone
 from vlp_core.objectives import ContrastiveLoss
-from vlp_core.recipes.base import RecipeConfig, Stage, register_recipe
-from vlp_core.recipes.regions import RegionRecipe, reduce_items
+from vlp_core.recipes.base import Stage, register_recipe
+from vlp_core.recipes.regions import RegionRecipe, RegionRecipeConfig, reduce_items
 
 __all__ = ["VLMixer", "VLMixerConfig"]
 
 
 @dataclass
-class VLMixerConfig(RecipeConfig):
-    """VLMixer's objectives (module docstring).
+class VLMixerConfig(RegionRecipeConfig):
+    """VLMixer's objectives (module docstring; TAVP's masking and fine-tuning ITM fields:
+    :class:`~vlp_core.recipes.regions.RegionRecipeConfig`).
 
     Args:
         mlm_weight: MLM on the mixed sentence. cmcl_weight: CMCL. tag_mlm_weight, mrc_weight, mrfr_weight:
@@ -53,10 +54,7 @@ class VLMixerConfig(RecipeConfig):
         cmc_at_least_one: a sentence with grounded words gets at least one patch.
         cmcl_temperature: CMCL's InfoNCE temperature (fixed).
         embed_dim: CMCL projection width.
-        region_mask_prob, tag_mask_prob, tag_mask_prob_region_masked: TAVP's masking (U-VisualBERT's).
-        itm_swap_prob: ITM negatives for fine-tuning.
         mixing, mix_weights: ``round_robin`` over the kinds with weight > 0, or ``weighted`` by the weights.
-        seed: ITM swap partners.
     """
 
     registry_name: ClassVar[str] = "vlmixer"
@@ -71,17 +69,11 @@ class VLMixerConfig(RecipeConfig):
     cmc_at_least_one: bool = True
     cmcl_temperature: float = 0.07
     embed_dim: int = 256
-    region_mask_prob: float = 0.15
-    tag_mask_prob: float = 0.15
-    tag_mask_prob_region_masked: float = 0.9
-    itm_swap_prob: float = 0.5
     mixing: str = "round_robin"
     mix_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.loss_weights().values()) < 0:
-            raise ValueError("loss weights must be >= 0")
+        super().__post_init__()
         if not 0.0 <= self.cmc_prob <= 1.0 or self.cmcl_temperature <= 0:
             raise ValueError("cmc_prob must be in [0, 1] and cmcl_temperature > 0")
         if set(self.mix_weights) - {"text", "image"} or not any(v > 0 for v in self.mix_weights.values()):
@@ -154,21 +146,11 @@ class VLMixer(RegionRecipe):
         return total, metrics
 
     def losses(self, kind: str, batch: dict[str, torch.Tensor], step: int):
-        cfg = self.config
         if kind == "text":
             return self._text(batch)
         if kind == "image":
-            items = self.region_tag_pass(
-                batch, cfg.region_mask_prob, cfg.tag_mask_prob, cfg.tag_mask_prob_region_masked
-            )
-            return reduce_items(items, cfg.loss_weights())
-        per_row, labels, logits = self.swap_itm(batch, cfg.itm_swap_prob, cfg.seed, step)
-        itm = per_row.mean()
-        acc = (logits.argmax(-1) == labels).float().mean().detach()
-        return cfg.itm_weight * itm, {"loss_itm": itm.detach(), "itm_acc": acc}
-
-    def ddp_kwargs(self) -> dict[str, Any]:
-        return {"find_unused_parameters": True}
+            return reduce_items(self.region_tag_items(batch), self.config.loss_weights())
+        return self.pair_itm(batch, step)
 
 
 register_recipe(VLMixerConfig, VLMixer, "region_stream")

@@ -28,7 +28,14 @@ from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_ba
 from vlp_core.models.fusion import SingleStreamEncoder
 from vlp_core.models.layers import FeedForward, MultiHeadAttention
 from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
-from vlp_core.models.text import MLMHead, TextConfig, TextEmbeddings, pool_text, read_bert_checkpoint
+from vlp_core.models.text import (
+    MLMHead,
+    TextConfig,
+    TextEmbeddings,
+    pool_text,
+    read_bert_checkpoint,
+    require_layers,
+)
 from vlp_core.models.vision import CNNGridEncoder, PatchEmbedding, VisionConfig
 
 __all__ = ["EXPERTS", "MultiwayBackbone", "MultiwayConfig"]
@@ -145,9 +152,7 @@ class MultiwayBackbone(Backbone):
             for t in targets:
                 if t in own and own[t].shape == tensor.shape:
                     picked[t] = tensor
-        n_ckpt = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        if n_ckpt < len(self.stack.layers):
-            raise ValueError(f"the checkpoint has {n_ckpt} layers for a {len(self.stack.layers)}-layer stack")
+        require_layers(state, len(self.stack.layers), "stack")
         self.load_state_dict(picked, strict=False)
         return sorted(picked)
 

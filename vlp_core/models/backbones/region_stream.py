@@ -36,6 +36,7 @@ from vlp_core.models.text import (
     load_part_,
     pool_text,
     read_bert_checkpoint,
+    require_layers,
 )
 
 __all__ = ["RegionEmbedding", "RegionInputs", "RegionStreamBackbone", "RegionStreamConfig"]
@@ -167,9 +168,7 @@ class RegionStreamBackbone(Backbone):
         if ckpt is None:
             return []
         state = read_bert_checkpoint(ckpt)
-        n_ckpt = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        if n_ckpt < len(self.stack.layers):
-            raise ValueError(f"the checkpoint has {n_ckpt} layers for a {len(self.stack.layers)}-layer stack")
+        require_layers(state, len(self.stack.layers), "stack")
         renames = {"embeddings.": "text_embeddings.", "mlm.": "mlm_head."}
         renames |= {f"layers.{i}.": f"stack.layers.{i}." for i in range(len(self.stack.layers))}
         usable = {k: v for k, v in state.items() if any(k.startswith(p) for p in renames)}
