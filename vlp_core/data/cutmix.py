@@ -86,7 +86,9 @@ class GroundedTextDataset(TextDataset):
         store = _as_store(store)
         super().__init__(store, index, seed)
         wanted = set(index["text_id"].to_pylist())
-        rows = store.read_table("grounded_words", ["text_id", "start_char", "end_char", "concept"]).to_pydict()
+        rows = store.read_table(
+            "grounded_words", ["text_id", "start_char", "end_char", "concept"]
+        ).to_pydict()
         grounded: dict[str, set[tuple[int, int, str]]] = {}
         for tid, a, b, concept in zip(*rows.values(), strict=True):
             if tid in wanted and concept in concepts:
@@ -136,7 +138,9 @@ class CutMixCollator(_MaskedText):
         spans = []
         for w in chosen:
             k = int(rng.integers(len(self.gallery.feats[w.concept])))
-            spans.append((w.start_char, w.end_char, self.gallery.feats[w.concept][k], self.gallery.boxes[w.concept][k]))
+            spans.append(
+                (w.start_char, w.end_char, self.gallery.feats[w.concept][k], self.gallery.boxes[w.concept][k])
+            )
         dim = self.gallery.dim
         out_ids, patch, feats, boxes, used = [], [], [], [], set()
         for tok, (a, b) in zip(ids, offsets, strict=True):

@@ -12,11 +12,13 @@ Region choice: region 0 (the whole image) and then the detections in stored orde
 detector label; region 0's is the image's best ImageNet tag when it has one (none otherwise: such a region
 still gets feature regression).
 
-Reads are bounded like :class:`~vlp_core.data.pairs.PairDataset`: at construction only the small columns
-of the index's images (ids, region numbers, labels, scores, boxes; tags; links), the 1,280-d features
-lazily per sample through a per-process LRU of row groups bounded by ``cache_bytes``. Samples are keyed by
-the sampler's ``(epoch, index)`` with the same per-sample seeds as every other dataset; masks are drawn by
-the recipes from those seeds.
+Memory like :class:`~vlp_core.data.pairs.PairDataset`: the 1,280-d features are read lazily per sample
+through a per-process LRU of row groups bounded by ``cache_bytes`` (256 MiB: about 100,000 regions). At
+construction it scans the small columns of every ``regions`` row (keeping those of the index's images) and
+reads ``image_tags`` (for pairs also ``noun_phrases`` and ``phrase_links``) whole, so construction grows
+with those tables (a fraction of a second and a few MB at the bundled scale; a corpus of millions of images
+wants filtered reads here). Samples are keyed by the sampler's ``(epoch, index)`` with the same per-sample
+seeds as every other dataset; masks are drawn by the recipes from those seeds.
 
 Batches (:class:`RegionCollator`), B samples, R = most regions, T = longest tag sequence, L = longest
 sentence, P = most phrase links, K = most wordpieces of a class tag / linked phrase:
@@ -49,7 +51,14 @@ from torch.utils.data import Dataset
 
 from stores.shards import ShardStore
 from vlp_core.data.collate import _MaskedText, _tokenize
-from vlp_core.data.pairs import _as_store, _read_sentences, _RowGroupCache, _split_key, _table_files
+from vlp_core.data.pairs import (
+    _as_store,
+    _read_sentences,
+    _RowGroupCache,
+    _split_key,
+    _table_files,
+    stable_keys,
+)
 from vlp_core.data.sampler import sample_seed
 
 __all__ = [
@@ -121,7 +130,7 @@ class RegionReader:
     """
 
     def __init__(
-        self, store: ShardStore, image_ids: Sequence[str], cfg: RegionConfig, cache_bytes: int = 64 * 2**20
+        self, store: ShardStore, image_ids: Sequence[str], cfg: RegionConfig, cache_bytes: int = 256 * 2**20
     ):
         self.cfg = cfg
         self.cache_bytes = int(cache_bytes)
@@ -475,6 +484,7 @@ class RegionVQADataset(Dataset):
         uniq = sorted(set(image_ids))
         where = {s: i for i, s in enumerate(uniq)}
         self._row_image = np.array([where[s] for s in image_ids], np.int64)
+        self.image_keys = stable_keys(image_ids)
         self.reader = RegionReader(_as_store(store), uniq, cfg or RegionConfig())
 
     def __len__(self) -> int:
@@ -488,6 +498,6 @@ class RegionVQADataset(Dataset):
             "question": rec.question,
             "answer_scores": self.vocab.scores(rec),
             "question_id": rec.question_id,
-            "image_key": int(self._row_image[index]),
+            "image_key": int(self.image_keys[index]),
             "sample_seed": sample_seed(self.seed, epoch, index),
         }
