@@ -153,3 +153,18 @@ def test_wordnet_real(real):
 def test_gensim_news_is_documents():
     src = build_source("gensim_news", "news")
     assert src.documents and Path(src.units()[0].key.rsplit("@", 1)[0]).exists()
+
+
+def test_easy_vqa_source_limit_per_split():
+    from vlp_core.sources import EasyVQASource
+
+    every = EasyVQASource("e").units()
+    assert len(every) == 5000 and all("/images/" in u.key for u in every)
+    some = EasyVQASource("e", limit_per_split={"train": 7, "test": 3}).units()
+    splits = [u.key.split("/", 1)[0] for u in some]
+    assert splits.count("train") == 7 and splits.count("test") == 3
+    assert [u.key for u in some if u.key.startswith("test/")] == [
+        u.key for u in every if u.key.startswith("test/")
+    ][:3]
+    only_test = EasyVQASource("e", limit_per_split={"test": 2}).units()
+    assert len(only_test) == 4000 + 2  # a split not named keeps all its images

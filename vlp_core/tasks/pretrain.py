@@ -208,9 +208,7 @@ def _build(config: Any, env: Any) -> TrainSpec:
     if "image" in kinds or model.wants_image_targets:
         ucfg = UnimodalConfig(**{**held, "sources": pairs.sources, **task.images})
         image_index = build_image_index(store, ucfg, seed=config.seed)
-        if "image" in kinds:
-            info["image_only"] = image_index.num_rows
-        if model.image_input_kind == "regions":
+        if "image" in kinds and model.image_input_kind == "regions":
             dataset = RegionImageDataset(store, image_index, region_config(config), seed=config.seed)
             streams["image"] = Stream(dataset, region_collator(config, tokenizer))
         elif "image" in kinds:
@@ -221,6 +219,8 @@ def _build(config: Any, env: Any) -> TrainSpec:
             streams["image"] = Stream(
                 ImageDataset(store, image_index, transform, seed=config.seed), ImageCollator()
             )
+        if "image" in kinds:
+            info["image_only"] = image_index.num_rows
     if "text" in kinds:
         ucfg = UnimodalConfig(**{**held, **task.texts})
         text_index = build_text_index(store, ucfg, seed=config.seed)
