@@ -345,3 +345,25 @@ def test_vlmixer_text_batch_trains_mixed_mlm_and_cmcl_only_on_mixed_sentences():
     assert alone.stages(10)[0].kinds == ("image",)
     with pytest.raises(ValueError, match="mix_weights"):
         VLMixerConfig(mix_weights={"text": 0.0, "image": 0.0})
+
+
+def test_region_feature_standardisation_is_fitted_once_and_travels_with_the_weights():
+    from vlp_core.tasks.base import fit_region_stats_
+
+    b = tiny_backbone(region_dim=3)
+    emb = b.region_embed
+    f = torch.tensor([[1.0, 2.0, 5.0], [3.0, 2.0, 7.0]])
+    assert torch.equal(emb.standardize(f), f) and b.needs_feature_stats  # identity until fitted
+    emb.fit_stats_(f)
+    assert emb.feat_mean.tolist() == [2.0, 2.0, 6.0]
+    assert emb.feat_std.tolist() == pytest.approx(
+        [math.sqrt(2), 1e-3, math.sqrt(2)]
+    )  # a constant dim: clamped
+    assert emb.standardize(f)[:, 0].tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)])
+    assert not b.needs_feature_stats
+    assert fit_region_stats_(b, None, ["never read"]) == {}  # fitted: nothing is read
+    fresh = tiny_backbone(region_dim=3)
+    fresh.load_state_dict(b.state_dict())  # a run's weights carry the fitted statistics
+    assert not fresh.needs_feature_stats and torch.equal(fresh.region_embed.feat_std, emb.feat_std)
+    none = RegionStreamBackbone(RegionStreamConfig(text=b.config.text, region_dim=3, feature_norm="none"))
+    assert not none.needs_feature_stats

@@ -63,6 +63,7 @@ from vlp_core.data.sampler import sample_seed
 
 __all__ = [
     "RegionVQADataset",
+    "region_feature_sample",
     "RegionCollator",
     "RegionConfig",
     "RegionImageDataset",
@@ -245,6 +246,11 @@ class RegionImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_keys)
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The distinct images of the index, sorted."""
+        return list(self._uniq)
 
     def image_sample(self, index: int) -> dict[str, Any]:
         """The region part of row ``index`` (no seed)."""
@@ -501,3 +507,14 @@ class RegionVQADataset(Dataset):
             "image_key": int(self.image_keys[index]),
             "sample_seed": sample_seed(self.seed, epoch, index),
         }
+
+
+def region_feature_sample(
+    store: ShardStore | str | Path, image_ids: Sequence[str], max_images: int = 4096
+) -> torch.Tensor:
+    """``(N, F)`` float32 features of every stored region of the first ``max_images`` of ``image_ids``
+    (sorted, distinct): what the region embedding's standardisation is fitted on. A pure function of the
+    store and the ids."""
+    ids = sorted(set(image_ids))[:max_images]
+    reader = RegionReader(_as_store(store), ids, RegionConfig(max_regions=1 << 15, max_tags=0))
+    return torch.from_numpy(np.concatenate([reader.features(i) for i in range(len(ids))]))

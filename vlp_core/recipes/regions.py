@@ -14,7 +14,8 @@ region's tag rarely gives its class away). Masked tag wordpieces become ``[MASK]
   classify over the detector's fixed classes; this corpus tags with two taggers (COCO detector labels and
   ImageNet classes for the whole image), so the class set is open, and wordpieces give one store-independent
   label space. A region without a class tag (region 0 of an image with no ImageNet tag) has no MRC target;
-- ``mrfr``: the masked region's input feature, regressed from its output state (mean squared error).
+- ``mrfr``: the masked region's input feature (standardised, as the embedding sees it), regressed from its
+  output state (mean squared error).
 
 **Retrieval protocol.** A single-stream model has no dual encoder: zero-shot and fine-tuned retrieval score
 *every* (image, text) pair with the match head when the recipe has one (``itm_weight`` > 0 or trained),
@@ -165,7 +166,10 @@ class RegionRecipe(Recipe):
         )
         region_h = hidden[:, t:][region_masked]
         region_rows = rows.expand_as(region_masked)[region_masked]
-        mrfr = region_feature_loss(self.region_head(region_h), batch["region_feats"][region_masked])
+        # The target is the standardised feature (the embedding's input), not the raw one whose common
+        # component would make the regression nearly free.
+        target = b.region_embed.standardize(batch["region_feats"][region_masked])
+        mrfr = region_feature_loss(self.region_head(region_h), target)
         targets = batch["region_class_ids"][region_masked]
         has = (targets >= 0).any(1)
         mrc = token_set_loss(b.mlm_head(region_h[has]), targets[has])

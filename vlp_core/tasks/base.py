@@ -14,6 +14,7 @@ __all__ = [
     "TASKS",
     "TaskConfig",
     "build_spec",
+    "fit_region_stats_",
     "load_backbone_weights_",
     "register_task",
     "resolve_init",
@@ -84,6 +85,19 @@ def _unwrap_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def fit_region_stats_(backbone: torch.nn.Module, store: Any, image_ids: Any) -> dict[str, int]:
+    """Fit a region backbone's feature standardisation on the training images' regions, unless it has
+    been fitted (or loaded from ``init_from``) already; a no-op for other backbones. Returns facts for
+    ``run.json``."""
+    if not getattr(backbone, "needs_feature_stats", False):
+        return {}
+    from vlp_core.data.regions import region_feature_sample
+
+    feats = region_feature_sample(store, list(image_ids))
+    backbone.region_embed.fit_stats_(feats)
+    return {"region_stats_regions": int(feats.shape[0])}
 
 
 def load_backbone_weights_(backbone: torch.nn.Module, state: dict[str, Any] | str | Path) -> None:

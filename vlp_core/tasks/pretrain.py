@@ -38,7 +38,7 @@ from vlp_core.data.regions import RegionCollator, RegionConfig, RegionImageDatas
 from vlp_core.eval import RetrievalSet, evaluate_retrieval
 from vlp_core.models.backbones import RegionInputs
 from vlp_core.recipes import Recipe, build_recipe
-from vlp_core.tasks.base import TaskConfig, register_task, resolve_init
+from vlp_core.tasks.base import TaskConfig, fit_region_stats_, register_task, resolve_init
 from vlp_core.train.spec import Stream, TrainSpec
 
 __all__ = ["PretrainTask", "heldout_retrieval_data", "pair_stream", "retrieval_eval"]
@@ -237,6 +237,9 @@ def _build(config: Any, env: Any) -> TrainSpec:
             collate = TextCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
         streams["text"] = Stream(dataset, collate)
         info["text_only"] = text_index.num_rows
+    if model.image_input_kind == "regions":
+        ids = {i for name in ("pair", "image") if name in streams for i in streams[name].dataset.image_ids}
+        info |= fit_region_stats_(model.backbone, store, ids)
     if model.wants_image_targets:
         # The masked-image-modelling codebook: k-means over the target encoder's features of the first
         # images of the (seeded) image index, center-cropped; deterministic, so a resumed run refits the same.

@@ -12,7 +12,7 @@ from stores.shards import ShardStore
 from vlp_core.data import PairsConfig, load_tokenizer
 from vlp_core.models.configs import config_from_dict
 from vlp_core.recipes import Stage, build_recipe
-from vlp_core.tasks.base import TaskConfig, register_task
+from vlp_core.tasks.base import TaskConfig, fit_region_stats_, register_task
 from vlp_core.tasks.pretrain import load_init_, pair_stream, retrieval_eval
 from vlp_core.train.spec import TrainSpec
 
@@ -52,6 +52,8 @@ def _build(config: Any, env: Any) -> TrainSpec:
     pairs = PairsConfig(**config.data.pairs)
     tokenizer = load_tokenizer()
     stream, info = pair_stream(config, store, model, pairs, tokenizer)
+    if model.image_input_kind == "regions":
+        info |= fit_region_stats_(model.backbone, store, stream.dataset.image_ids)
     info |= {
         "init_from": config.init_from,
         "losses": sorted(k for k, w in model.config.loss_weights().items() if w),

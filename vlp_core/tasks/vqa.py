@@ -28,7 +28,13 @@ from vlp_core.eval import vqa_accuracy
 from vlp_core.ingest import content_id
 from vlp_core.models import AnswerClassifier, build_backbone
 from vlp_core.recipes import Stage
-from vlp_core.tasks.base import TaskConfig, load_backbone_weights_, register_task, resolve_init
+from vlp_core.tasks.base import (
+    TaskConfig,
+    fit_region_stats_,
+    load_backbone_weights_,
+    register_task,
+    resolve_init,
+)
 from vlp_core.train.spec import Stream, TrainSpec
 
 __all__ = ["VQATask"]
@@ -126,6 +132,7 @@ def _build(config: Any, env: Any) -> TrainSpec:
     init = resolve_init(config)
     if init is not None:
         load_backbone_weights_(backbone, init)
+    fitted = fit_region_stats_(backbone, store, train_ids) if region else {}
     model = AnswerClassifier(
         backbone, len(vocab), head_hidden=task.head_hidden, head_dropout=task.head_dropout
     )
@@ -193,6 +200,7 @@ def _build(config: Any, env: Any) -> TrainSpec:
         "images": len(set(r.image for r in train_records)),
         "answers": len(vocab),
         "init_from": config.init_from,
+        **fitted,
     }
     return TrainSpec(
         model=model,

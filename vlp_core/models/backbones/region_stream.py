@@ -84,6 +84,8 @@ class RegionStreamConfig(BackboneConfig):
             ``pretrained`` loads embeddings and layer ``i`` from checkpoint layer ``i``.
         region_dim: width of the stored region features (the corpus's ``regions.feature``).
         box_dim: width of a region box (5: corners and area, normalised).
+        feature_norm: ``"standardize"`` (per-dimension mean / std fitted on the corpus before training; see
+            :class:`RegionEmbedding`) or ``"none"``.
         pooling: ``"cls"`` or ``"mean"`` (see the module docstring).
     """
 
@@ -92,6 +94,7 @@ class RegionStreamConfig(BackboneConfig):
     text: TextConfig = field(default_factory=lambda: TextConfig(pretrained=None, num_layers=12))
     region_dim: int = 2048
     box_dim: int = 5
+    feature_norm: str = "standardize"
     pooling: str = "cls"
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class RegionStreamConfig(BackboneConfig):
             raise ValueError("the region stream needs layers and positive region / box widths")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.feature_norm not in ("standardize", "none"):
+            raise ValueError(f"feature_norm must be 'standardize' or 'none', got {self.feature_norm!r}")
 
 
 RegionStreamConfig.PRESETS = {
@@ -110,11 +115,21 @@ RegionStreamConfig.PRESETS = {
 
 
 class RegionEmbedding(nn.Module):
-    """Region feature + box -> hidden: ``LN(W_f f) + LN(W_b b)`` (:meth:`project`), then + the image
-    modality embedding, LayerNorm and dropout (:meth:`forward`)."""
+    """Region feature + box -> hidden: ``LN(W_f s(f)) + LN(W_b b)`` (:meth:`project`), then + the image
+    modality embedding, LayerNorm and dropout (:meth:`forward`).
+
+    ``s(f) = (f - mean) / std`` per feature dimension (:meth:`standardize`), with ``mean`` / ``std`` buffers
+    fitted on the corpus's features (:meth:`fit_stats_`; identity until fitted). Our choice: the stored
+    ImageNet RoIAlign features share a large common component (mean pairwise cosine 0.95 over easy-VQA
+    images), so before standardising every image enters the stack as nearly the same vector and, at this
+    budget, VQA fine-tuning never learns to read it (the shape and colour are there: a linear probe on the
+    standardised features gets them 100 % / 99 % right)."""
 
     def __init__(self, region_dim: int, box_dim: int, hidden: int, eps: float, dropout: float) -> None:
         super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(region_dim))
+        self.register_buffer("feat_std", torch.ones(region_dim))
+        self.register_buffer("stats_fitted", torch.zeros((), dtype=torch.bool))
         self.feat = nn.Linear(region_dim, hidden)
         self.feat_norm = nn.LayerNorm(hidden, eps=eps)
         self.box = nn.Linear(box_dim, hidden)
@@ -125,11 +140,23 @@ class RegionEmbedding(nn.Module):
         init_bert_(self)
         nn.init.normal_(self.modality, std=0.02)
 
+    @torch.no_grad()
+    def fit_stats_(self, feats: torch.Tensor, min_std: float = 1e-3) -> None:
+        """Fit the standardisation on ``(N, F)`` region features (float64 sums, so the result does not
+        depend on the order or the chunking of the rows)."""
+        f = feats.double()
+        self.feat_mean.copy_(f.mean(0).to(self.feat_mean.dtype))
+        self.feat_std.copy_(f.std(0).clamp(min=min_std).to(self.feat_std.dtype))
+        self.stats_fitted.fill_(True)
+
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.feat_mean) / self.feat_std
+
     def box_embedding(self, boxes: torch.Tensor) -> torch.Tensor:
         return self.box_norm(self.box(boxes))
 
     def project(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.feat_norm(self.feat(feats)) + self.box_embedding(boxes)
+        return self.feat_norm(self.feat(self.standardize(feats))) + self.box_embedding(boxes)
 
     def forward(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.drop(self.norm(self.project(feats, boxes) + self.modality))
@@ -174,6 +201,11 @@ class RegionStreamBackbone(Backbone):
         usable = {k: v for k, v in state.items() if any(k.startswith(p) for p in renames)}
         fresh = set(load_part_(self, usable, renames))
         return sorted(n for n, _ in self.named_parameters() if n not in fresh)
+
+    @property
+    def needs_feature_stats(self) -> bool:
+        """Whether the region standardisation must be fitted before training (not yet fitted, nor loaded)."""
+        return self.config.feature_norm == "standardize" and not bool(self.region_embed.stats_fitted)
 
     # -- embeddings
     def embed_words(
