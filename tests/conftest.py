@@ -121,8 +121,11 @@ def train_corpus(prefect_stack, real) -> DataLayout:
     cfg = {
         "sources": [
             {"name": "openclipart", "kind": "openclipart", "options": {"root": str(oca)}},
-            {"name": "easyvqa", "kind": "easy_vqa",
-             "options": {"limit_per_split": {"train": 40, "test": 20}}},
+            {
+                "name": "easyvqa",
+                "kind": "easy_vqa",
+                "options": {"limit_per_split": {"train": 40, "test": 20}},
+            },
             {"name": "news", "kind": "gensim_news"},
         ],
         "stages": [
