@@ -5,6 +5,7 @@ fetches it)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -37,6 +38,13 @@ os.environ.update(
     PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
 )
 (_SESSION_DIR / "data").mkdir(parents=True, exist_ok=True)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove the session's data directory (corpora, runs: GBs), after the session fixtures (the Prefect
+    stack) are torn down; ``VLP_KEEP_TEST_DATA=1`` keeps it for a post-mortem."""
+    if os.environ.get("VLP_KEEP_TEST_DATA") != "1":
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 def link_fetched(root: Path) -> None:
