@@ -26,7 +26,9 @@ For each method and seed (every run an ordinary ``python -m vlp_core.train`` chi
 ImageNet EfficientNet-Lite0 with fresh, random ITC projections and ITM head, so it is the chance-level
 reference) and VQA is ``--config vqa_easy --set init_from=null`` (the same encoders, no VL pre-training).
 
-Resumable: runs whose ``eval.json`` exists are skipped (a trained run also needs its ``run.json``), and an
+Resumable: every finished (method, seed) is written to ``--out`` at once, and a later study with the same
+budget reuses the results there (the file may come from another machine; its run directories need not
+exist); runs whose ``eval.json`` exists are skipped (a trained run also needs its ``run.json``), and an
 interrupted run resumes from its latest checkpoint; a run directory holding another budget (steps, batch,
 lr, seed, eval sizes) is an error, not a silent mix (pick another ``--prefix``). Prints one markdown table
 (rows: metrics in %, columns: methods, cells: mean ± std over seeds, std with ddof=1 as in
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +113,30 @@ BUDGET = (
     "eval.itm_rerank_k", "task.eval_questions", "recipe.vision_steps", "recipe.language_steps",
     "data.pairs.mode", "recipe.cmc_prob", "recipe.cmcl_weight", "recipe.mix_weights", "method",
 )  # fmt: skip
+
+
+#: the settings that must agree for a stored result to be reused
+RESULT_SETTINGS = (
+    "steps", "batch_size", "lr", "lr_regions", "vlmo_stage_frac", "vqa_steps", "vqa_batch_size", "vqa_lr",
+    "eval_images", "itm_k", "vqa_questions", "pretrain_set", "vqa_set",
+)  # fmt: skip
+
+
+def kept_results(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The per-seed results of an earlier study at ``path`` (the ``--out`` file, which may come from another
+    machine: its run directories need not exist), keyed by (method, seed), when its budget is this one; an
+    earlier file with another budget is an error, not a silent mix."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    diff = [
+        f"{k}: {old['settings'].get(k)!r} there, {settings[k]!r} here"
+        for k in RESULT_SETTINGS
+        if old["settings"].get(k) != settings[k]
+    ]
+    if diff:
+        raise SystemExit(f"error: {path} holds another budget (use another --out):\n  " + "\n  ".join(diff))
+    return {(r["method"], r["seed"]): r for r in old["runs"]}
 
 
 def lr_sets(lr: float) -> dict[str, float]:
@@ -255,27 +282,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
+    settings = {k: v for k, v in vars(args).items() if k not in ("dry_run", "out")}
+    kept = kept_results(out, settings)
+    todo = [(m, s) for m, s in chains if (m, s) not in kept]
+    if kept:
+        print(f"{len(chains) - len(todo)} of {len(chains)} (method, seed) results reused from {out}")
+    rows = ROWS + (ITM_ROWS if args.itm else [])
     t0 = time.time()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(run_chain, m, s, args) for m, s in chains]
-    results, failed = [], []
-    for (m, s), f in zip(chains, futures, strict=True):
+    lock = threading.Lock()
+    failed: list[str] = []
+
+    def write() -> None:
+        done = [kept[c] for c in chains if c in kept]
+        others = [r for (m, s), r in kept.items() if (m, s) not in chains]
+        report = {
+            "settings": settings,
+            "wall_s": time.time() - t0,
+            "runs": others + done,
+            "summary": summary(done, methods, rows),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+
+    def chain(m: str, s: int) -> None:
         try:
-            results.append(f.result())
+            result = run_chain(m, s, args)
         except RuntimeError as exc:
             failed.append(f"{m} seed {s}: {exc}")
-    wall = time.time() - t0
+            return
+        with lock:  # every finished chain is on disk at once: a killed study loses no finished result
+            kept[(m, s)] = result
+            write()
 
-    rows = ROWS + (ITM_ROWS if args.itm else [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("dry_run", "out")}
-    report = {
-        "settings": settings,
-        "wall_s": wall,
-        "runs": results,
-        "summary": summary(results, methods, rows),
-    }
-    out.write_text(json.dumps(report, indent=2))
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(lambda c: chain(*c), todo))
+    wall = time.time() - t0
+    write()
+    results = [kept[c] for c in chains if c in kept]
 
     ret = next((r["retrieval"] for r in results if "retrieval" in r), {})
     vqa = next((r["vqa"] for r in results if "vqa" in r), {})
