@@ -287,3 +287,24 @@ def test_pretrain_deployment_of_every_method_then_vqa(prefect_stack, train_corpu
             )
             ev = json.loads((root / "runs" / "train" / "retrieval-mu-vla-clipart" / "eval.json").read_text())
             assert ev["n_images"] == 12 and "itm_t2i_r1" in ev
+
+
+def test_vlmixer_text_only_ablation_standardises_regions_like_the_full_recipe(train_corpus):
+    """Without TAVP (``mix_weights`` image 0) VLMixer draws no image batch, yet its CutMix patches enter
+    through the region embedding: its standardisation is fitted on the same images as the full recipe's
+    (the text-only ablations once failed at build time with nothing to fit on)."""
+    from vlp_core.tasks import build_spec
+    from vlp_core.train.config import load_train_config
+    from vlp_core.train.trainer import init_distributed
+
+    env = init_distributed("cpu")
+    embeds = {}
+    for name, sets in (("all", {}), ("text", {"recipe.mix_weights": {"text": 1.0, "image": 0.0}})):
+        config = load_train_config("vlmixer_tiny", {"data_dir": str(train_corpus.root), **sets})
+        spec = build_spec(config, env)
+        assert set(spec.streams) == ({"text", "image"} if name == "all" else {"text"})
+        embeds[name] = (spec.info["region_stats_regions"], spec.model.backbone.region_embed)
+    (n_all, all_), (n_text, text) = embeds["all"], embeds["text"]
+    assert n_text == n_all > 0
+    assert bool(text.stats_fitted) and torch.equal(text.feat_mean, all_.feat_mean)
+    assert torch.equal(text.feat_std, all_.feat_std)

@@ -205,9 +205,9 @@ def _build(config: Any, env: Any) -> TrainSpec:
         info.update(pair_info)
     image_index = None
     held = {"heldout_fraction": pairs.heldout_fraction, "heldout_salt": pairs.heldout_salt}
+    image_cfg = UnimodalConfig(**{**held, "sources": pairs.sources, **task.images})
     if "image" in kinds or model.wants_image_targets:
-        ucfg = UnimodalConfig(**{**held, "sources": pairs.sources, **task.images})
-        image_index = build_image_index(store, ucfg, seed=config.seed)
+        image_index = build_image_index(store, image_cfg, seed=config.seed)
         if "image" in kinds and model.image_input_kind == "regions":
             dataset = RegionImageDataset(store, image_index, region_config(config), seed=config.seed)
             streams["image"] = Stream(dataset, region_collator(config, tokenizer))
@@ -239,6 +239,13 @@ def _build(config: Any, env: Any) -> TrainSpec:
         info["text_only"] = text_index.num_rows
     if model.image_input_kind == "regions":
         ids = {i for name in ("pair", "image") if name in streams for i in streams[name].dataset.image_ids}
+        if not ids:
+            # Text-only batches (a VLMixer ablation without TAVP): CutMix patches still enter through the
+            # region embedding; fit it on the images an image stream would draw, as the full recipe does.
+            index = image_index
+            if index is None:
+                index = build_image_index(store, image_cfg, seed=config.seed)
+            ids = set(index["image_id"].to_pylist())
         info |= fit_region_stats_(model.backbone, store, ids)
     if model.wants_image_targets:
         # The masked-image-modelling codebook: k-means over the target encoder's features of the first
