@@ -8,15 +8,12 @@ it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -45,6 +42,7 @@ from stores.shards import ShardStore, code_version, stable_hash, to_table
 from vlp_core.config import CorpusConfig, RunnerConfig, SourceSpec, load_corpus_config
 from vlp_core.ingest import STAGE as INGEST
 from vlp_core.ingest import ShardRows, ingest_images, ingest_texts
+from vlp_core.memory import PeakRSS, children_peak_rss_mb, run_peak_rss_mb
 from vlp_core.paths import DataLayout
 from vlp_core.sources import Unit, build_source
 
@@ -642,24 +640,6 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
     return out
 
 
-def _reset_peak_rss() -> None:
-    """Reset this process's peak RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``), so the peak read
-    after a stage is that stage's own; elsewhere the peak stays cumulative."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process (the flow run and its thread-runner tasks) since the last reset, in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 @flow(name="build-corpus", log_prints=True)
 def build_corpus(config: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the corpus described by ``configs/corpus/<config>.yaml`` (or a YAML path) + dotted overrides.
@@ -685,25 +665,27 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     stage_peak_mb: dict[str, float] = {}
     for stage in cfg.stages:
         ts = time.time()
-        _reset_peak_rss()
-        if stage == INDEX:  # one task, not sharded
-            counts[stage] = build_sentence_index(cfg, layout)
-        else:
-            runner = make_task_runner(cfg.runner)
-            counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
+        with PeakRSS() as mem:  # sampled: the kernel's high-water mark stays the whole run's
+            if stage == INDEX:  # one task, not sharded
+                counts[stage] = build_sentence_index(cfg, layout)
+            else:
+                runner = make_task_runner(cfg.runner)
+                counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
         stage_seconds[stage] = round(time.time() - ts, 1)
-        stage_peak_mb[stage] = _peak_rss_mb()
+        stage_peak_mb[stage] = mem.peak_mb
         log.info(
             "stage %s done in %.1fs, peak RSS %.0f MB", stage, stage_seconds[stage], stage_peak_mb[stage]
         )
-    peak_mb = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *stage_peak_mb.values()])
+    publish = _publish(layout)
+    peak_mb = run_peak_rss_mb()  # the whole run in this process: what /usr/bin/time reports too
     result = {
         "counts": counts,
         "seconds": round(time.time() - t0, 1),
         "stage_seconds": stage_seconds,
-        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_mb": peak_mb,
         "stage_peak_rss_mb": stage_peak_mb,
-        **_publish(layout),
+        "children_peak_rss_mb": children_peak_rss_mb(),  # process-pool workers, when the runner has them
+        **publish,
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     log.info("corpus built in %.1fs, peak RSS %.0f MB: %s", result["seconds"], peak_mb, counts)
