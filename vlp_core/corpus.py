@@ -202,6 +202,11 @@ def link_rows(sim, images: list[dict], min_score: float, mask_base: float) -> Sh
     """
     from vlp_core.language import link_tags_to_phrases, mask_probability
 
+    if hasattr(sim, "frozen"):  # embed the shard's strings once, in batches its own strings decide
+        sim = sim.frozen(
+            [t for img in images for t, _ in img["tags"]]
+            + [p for img in images for _, phrases in img["texts"] for _, p in phrases]
+        )
     rows = ShardRows(tables={"phrase_links": []})
     for img in images:
         tags = [t for t, _ in img["tags"]]
