@@ -282,7 +282,7 @@ class ImageDecodeError(RuntimeError):
 
 
 def _table_files(store: ShardStore, table: str) -> list[Path]:
-    return sorted(p for p in store.table_dir(table).rglob("*.parquet") if p.name != "_schema.parquet")
+    return store.committed_files(table)
 
 
 def _locate(
