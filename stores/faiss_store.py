@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.failpoints import kill_point
+
 
 @dataclass
 class IndexMeta:
@@ -158,6 +160,7 @@ class FaissStore:
         link = final.with_name(f".{name}.link-{os.getpid()}")
         link.unlink(missing_ok=True)
         link.symlink_to(version.name)  # relative: the store can move
+        kill_point("before-swap", name)
         os.replace(link, final)  # the swap: atomic
         self.collect_garbage(name)
         return final

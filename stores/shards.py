@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.failpoints import kill_point
 from stores.schemas import TABLES, schema_of
 
 
@@ -196,6 +197,7 @@ class ShardStore:
             committed_at=time.time(),
         )
         mpath = self.manifest_dir(stage, source) / f"{shard}.json"
+        kill_point("before-manifest", stage)
         _atomic_write_bytes(json.dumps(asdict(m), indent=1).encode(), mpath)
         return m
 
