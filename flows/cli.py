@@ -74,7 +74,7 @@ def _choose_api() -> str:
 @app.command()
 def fetch() -> None:
     """Fetch the bundled real data (Debian packages, YOLO weights) into the data directory (idempotent)."""
-    from vlp_core.assets import fetch_all
+    from vlp_core.corpus.assets import fetch_all
 
     layout = fetch_all(log=lambda m: console.print(f"[cyan]{m}"))
     console.print(f"data directory: {layout.root}")
@@ -89,8 +89,8 @@ def ingest(
 ) -> None:
     """Run the build-corpus flow in this process (against the running server, if any; the bundled data is
     fetched first where it is missing)."""
-    from vlp_core.assets import fetch_all
     from vlp_core.config import load_corpus_config
+    from vlp_core.corpus.assets import fetch_all
 
     overrides = _parse_sets(set_)
     load_corpus_config(config, overrides)  # a bad config is a one-line error, before any flow starts

@@ -272,7 +272,7 @@ def test_any_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_bytes(all_sta
 def test_embed_and_index_stages_are_incremental(prefect_stack, real, data_dir, tmp_path):
     from flows.build_corpus import build_corpus
     from stores.faiss_store import FaissStore, search
-    from vlp_core.corpus import sentence_encoder
+    from vlp_core.corpus.stages import sentence_encoder
 
     root = _corpus_dir(real, tmp_path, 12)
     cfg = str(_config(root, stages=["ingest", "embed", "index"], embed={"shard_size": 16}))
@@ -354,7 +354,7 @@ def test_regions_retrieval_phrases_links(prefect_stack, real, data_dir, tmp_path
     motorcycle = next(v for k, v in tags.items() if k.endswith("motorcycle_left.png"))
     assert {"motorbike", "moped", "motor scooter"} & set(motorcycle), motorcycle
     from vlp_core.config import RegionsConfig
-    from vlp_core.corpus import vision_models
+    from vlp_core.corpus.stages import vision_models
 
     vocabulary = set(vision_models(RegionsConfig())[0].labels)
     assert {label for (label,) in detections} <= vocabulary

@@ -8,7 +8,7 @@ import resource
 import pytest
 from PIL import Image
 
-from vlp_core.images import DecodedImage, DecodeLimits, Rejected, decode_image, load_rgb
+from vlp_core.corpus.images import DecodedImage, DecodeLimits, Rejected, decode_image, load_rgb
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

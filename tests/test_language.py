@@ -221,7 +221,7 @@ def test_similarity_caches_repeated_strings(encoder):
 def test_link_rows_of_a_shard_do_not_depend_on_what_the_process_embedded_before(encoder):
     """The links stage's output is a function of its shard: the same bytes whether the similarity met other
     strings first (through its cache, a string's embedding would carry the batch it first came in) or not."""
-    from vlp_core.corpus import link_rows
+    from vlp_core.corpus.stages import link_rows
 
     def shard(words: list[str]) -> list[dict]:
         return [

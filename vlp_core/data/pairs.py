@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from stores.shards import ShardStore
 from vlp_core.data.sampler import sample_seed
-from vlp_core.images import load_rgb
+from vlp_core.corpus.images import load_rgb
 
 __all__ = [
     "MODES",
