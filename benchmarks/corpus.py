@@ -5,11 +5,12 @@ child process (this script re-run with the hidden ``--stage`` flag), so each sta
 is its own. Model loading, data generation and one warm-up call are done before the clock starts; time is
 wall-clock over the work only, with the stage's CPU seconds (all threads) beside it.
 
-1. ``sbert``    N real sentences: the gensim Lee news corpus split with ``vlp_core.text.split_sentences``
+1. ``sbert``    N real sentences: the gensim Lee news corpus split with
+                ``vlp_core.corpus.text.split_sentences``
                 plus WordNet example sentences (``--wordnet-fraction``), sampled and shuffled with
                 ``--seed``, so short and long sentences are mixed. Baseline: plain
                 ``SentenceTransformer(all-MiniLM-L6-v2).encode(texts, batch_size=128,
-                normalize_embeddings=True)`` in the given order. Ours: ``vlp_core.corpus.embed_rows(
+                normalize_embeddings=True)`` in the given order. Ours: ``vlp_core.corpus.stages.embed_rows(
                 sentence_encoder(None, None, 128), ids, texts)`` (length-sorted batches, float16 rows). The
                 max abs difference between the two embeddings is printed as a sanity check.
 2. ``faiss``    ``--vectors`` synthetic L2-normalised vectors with cluster structure (``--centers`` Gaussian
@@ -20,12 +21,14 @@ wall-clock over the work only, with the stage's CPU seconds (all threads) beside
                 searched with ``stores.faiss_store.search`` at each ``--nprobe``. Recall@k: the fraction of
                 the exact top-k ids found in the approximate top-k.
 3. ``regions``  ``--images`` clip-art PNGs spread over the sorted collection, normalised with
-                ``vlp_core.images.decode_image`` to the stored JPEG and loaded with ``load_rgb``. Baseline: a
+                ``vlp_core.corpus.images.decode_image`` to the stored JPEG and loaded with ``load_rgb``.
+                Baseline: a
                 plain timm forward of the same backbone (``load_efficientnet_lite0()``, then ``model(x)``) at
                 the same size in batches of 16, PIL bicubic resize + normalisation included. Ours:
                 ``RegionFeatureExtractor().extract`` (default: a 384 px region pass plus a 224 px tag pass),
                 the same with ``tag_image_size=None`` (one pass), ``build_detector("yolov3-tiny").detect``,
-                and the whole ``vlp_core.corpus.region_rows`` stage (JPEG decode, detection, features, rows).
+                and the whole ``vlp_core.corpus.stages.region_rows`` stage (JPEG decode, detection, features,
+                rows).
 
     .venv/bin/python benchmarks/corpus.py                                  # all three, default sizes
     .venv/bin/python benchmarks/corpus.py --vectors 100000 --sentences 300 --images 16
@@ -118,9 +121,9 @@ def load_sentences(n: int, wordnet_fraction: float, seed: int) -> tuple[list[str
     """``n`` distinct sentences: Lee news sentences and WordNet examples, sampled and shuffled."""
     import numpy as np
 
+    from vlp_core.corpus.sources import WordNetSource, gensim_news_path
+    from vlp_core.corpus.text import normalise, split_sentences
     from vlp_core.paths import DataLayout
-    from vlp_core.sources import WordNetSource, gensim_news_path
-    from vlp_core.text import normalise, split_sentences
 
     news = list(
         dict.fromkeys(
@@ -171,7 +174,7 @@ def _stage_sbert(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str, A
         emb = np.asarray(emb, dtype=np.float32)
         extra["max_seq_length"] = int(model.max_seq_length)
     else:
-        from vlp_core.corpus import embed_rows, sentence_encoder
+        from vlp_core.corpus.stages import embed_rows, sentence_encoder
 
         encoder = sentence_encoder(None, None, batch)
         embed_rows(encoder, ids[:8], texts[:8])  # warm-up
@@ -283,8 +286,8 @@ def _stage_faiss(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str, A
 def load_clipart(root: Path, n: int, work: Path) -> tuple[list[str], dict[str, Any]]:
     """``n`` stored-size JPEGs (``decode_image`` of PNGs spread evenly over the sorted collection), written
     under ``work``; returns their paths. Rejected files are skipped and the next ones taken."""
-    from vlp_core.images import DecodedImage, decode_image
-    from vlp_core.sources import ImageDirSource
+    from vlp_core.corpus.images import DecodedImage, decode_image
+    from vlp_core.corpus.sources import ImageDirSource
 
     keys = [u.key for u in ImageDirSource("bench", root).units() if u.key.lower().endswith(".png")]
     step = max(1, len(keys) // max(n, 1))
@@ -312,7 +315,7 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
     import torch
 
     from vlp_core.config import RegionsConfig
-    from vlp_core.images import load_rgb
+    from vlp_core.corpus.images import load_rgb
 
     cfg, rep = RegionsConfig(), spec["repeat"]
     jpegs = [Path(p).read_bytes() for p in spec["jpegs"]]
@@ -366,7 +369,7 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
         extra["detections"] = sum(len(d) for d in dets)
         extra["images_with_detections"] = sum(bool(d) for d in dets)
     else:
-        from vlp_core.corpus import region_rows, vision_models
+        from vlp_core.corpus.stages import region_rows, vision_models
 
         det, ext = vision_models(cfg)
         region_rows(ids[warm], jpegs[warm], det, ext, cfg)

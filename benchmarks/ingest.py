@@ -7,7 +7,8 @@ Three stages run one after another, each in its own child process (this script r
                     ``Image.MAX_IMAGE_PIXELS`` at Pillow's default. Exceptions are counted by type. Files
                     whose header says more than ``--baseline-max-pixels`` are skipped (reported with the
                     memory a full decode would have allocated), so the loop cannot take the machine down.
-2. ``decode``       ``vlp_core.images.decode_image(bytes, limits)`` per file: read, identify, bomb / size
+2. ``decode``       ``vlp_core.corpus.images.decode_image(bytes, limits)`` per file: read, identify, bomb /
+                    size
                     checks, decode, normalise to RGB, downscale to the store size, JPEG-encode.
 3. ``ingest``       what the flow's ``ingest-shard`` task does, without Prefect: ``OpenClipArtSource.read``
                     (SVG captions) or ``ImageDirSource.read`` → ``ingest_images`` → ``to_table`` →
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 # Deliberately no vlp_core / PIL import at module level: the baseline stage (and its spawn workers, which
-# re-import this module) must run with Pillow's defaults, and importing vlp_core.images switches off
+# re-import this module) must run with Pillow's defaults, and importing vlp_core.corpus.images switches off
 # Pillow's decompression-bomb limit process-wide.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -58,7 +59,7 @@ STAGE_LABELS = {
     "decode": "ours: decode_image",
     "ingest": "ours: ingest stage + commit",
 }
-DEFAULT_MAX_PIXELS = 64_000_000  # vlp_core.images.DecodeLimits().max_pixels (checked at start-up)
+DEFAULT_MAX_PIXELS = 64_000_000  # vlp_core.corpus.images.DecodeLimits().max_pixels (checked at start-up)
 MB = 1e6
 
 
@@ -142,8 +143,8 @@ def _chunk_baseline(job: dict[str, Any], tick: Callable[[int], None] | None = No
 
 
 def _chunk_decode(job: dict[str, Any], tick: Callable[[int], None] | None = None) -> dict[str, Any]:
-    from vlp_core.images import DecodedImage, DecodeLimits, decode_image
-    from vlp_core.sources import ReadError, read_file_bounded
+    from vlp_core.corpus.images import DecodedImage, DecodeLimits, decode_image
+    from vlp_core.corpus.sources import ReadError, read_file_bounded
 
     root, limits = Path(job["root"]), DecodeLimits(max_pixels=job["max_pixels"])
     counts: Counter = Counter()
@@ -160,8 +161,8 @@ def _chunk_decode(job: dict[str, Any], tick: Callable[[int], None] | None = None
 
 
 def _make_source(root: Path):
+    from vlp_core.corpus.sources import ImageDirSource, OpenClipArtSource
     from vlp_core.paths import DataLayout
-    from vlp_core.sources import ImageDirSource, OpenClipArtSource
 
     clipart_png = (DataLayout.default().openclipart / "png").resolve()
     if root.resolve() == clipart_png or (root.name == "png" and (root.parent / "svg").is_dir()):
@@ -187,9 +188,9 @@ class _TickingIter:
 
 def _chunk_ingest(job: dict[str, Any], tick: Callable[[int], None] | None = None) -> dict[str, Any]:
     from stores.shards import ShardStore, stable_hash, to_table
-    from vlp_core.images import DecodeLimits
-    from vlp_core.ingest import STAGE, ingest_images
-    from vlp_core.sources import Unit
+    from vlp_core.corpus.images import DecodeLimits
+    from vlp_core.corpus.ingest import STAGE, ingest_images
+    from vlp_core.corpus.sources import Unit
 
     source = _make_source(Path(job["root"]))
     limits = DecodeLimits(max_pixels=job["max_pixels"])
@@ -211,11 +212,11 @@ def _chunk_ingest(job: dict[str, Any], tick: Callable[[int], None] | None = None
 
 def _init_worker(stage: str, barrier) -> None:
     if stage == "decode":
-        import vlp_core.images  # noqa: F401
-        import vlp_core.sources  # noqa: F401
+        import vlp_core.corpus.images  # noqa: F401
+        import vlp_core.corpus.sources  # noqa: F401
     elif stage == "ingest":
         import stores.shards  # noqa: F401
-        import vlp_core.ingest  # noqa: F401
+        import vlp_core.corpus.ingest  # noqa: F401
     else:
         import PIL.Image  # noqa: F401
     # a replacement worker (after a crash) finds nobody at the barrier: give up waiting, work anyway
@@ -242,15 +243,15 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
     if stage == "baseline":
         from PIL import Image
 
-        assert "vlp_core.images" not in sys.modules, "baseline must not import vlp_core.images"
+        assert "vlp_core.corpus.images" not in sys.modules, "baseline must not import vlp_core.corpus.images"
         pil_limit = None if spec["baseline_no_bomb_check"] else Image.MAX_IMAGE_PIXELS
     # import what the stage needs before the clock starts (the baseline needs only PIL)
     elif stage == "decode":
-        import vlp_core.images  # noqa: F401
-        import vlp_core.sources  # noqa: F401
+        import vlp_core.corpus.images  # noqa: F401
+        import vlp_core.corpus.sources  # noqa: F401
     else:
         import stores.shards  # noqa: F401
-        import vlp_core.ingest  # noqa: F401
+        import vlp_core.corpus.ingest  # noqa: F401
     keys, size, workers = spec["keys"], spec["shard_size"], spec["workers"]
     common = {k: spec[k] for k in ("root", "max_pixels", "baseline_max_pixels", "baseline_no_bomb_check")}
     store_dir = None
@@ -340,7 +341,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def list_files(root: Path, limit: int) -> list[str]:
     """The source's units (relative keys), sorted; the first ``limit`` (0 = all)."""
-    from vlp_core.sources import ImageDirSource
+    from vlp_core.corpus.sources import ImageDirSource
 
     keys = [u.key for u in ImageDirSource("bench", root).units()]
     return keys[:limit] if limit else keys
@@ -431,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline-no-bomb-check",
         action="store_true",
-        help="baseline with Image.MAX_IMAGE_PIXELS=None (what any process that imported vlp_core.images "
+        help="baseline with Image.MAX_IMAGE_PIXELS=None (what any process that imported "
+        "vlp_core.corpus.images "
         "gets); --baseline-max-pixels then is the only guard",
     )
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps(run_stage(args.stage, spec)))
         return 0
 
-    from vlp_core.images import DecodeLimits
+    from vlp_core.corpus.images import DecodeLimits
     from vlp_core.paths import DataLayout
 
     assert DecodeLimits().max_pixels == DEFAULT_MAX_PIXELS, "update DEFAULT_MAX_PIXELS"

@@ -1,22 +1,19 @@
 """The ``build-corpus`` flow: plan shards per source, map the stage over them, publish counts.
 
 Stages run as subflows so each can pick its own task runner from the config (threads by default, Dask to
-scale out). Today: ingest. Each shard is a Prefect task that reads its units, runs ``vlp_core.ingest`` and
-commits its rows through ``stores`` atomically; a re-run skips committed shards, so a killed run resumes where
-it stopped.
+scale out): ingest, regions, embed, index, retrieve, phrases, links, gallery, ground. Each shard is a Prefect
+task that reads its units, computes its rows with ``vlp_core.corpus`` and commits them through ``stores``
+atomically; a re-run skips committed shards, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -27,15 +24,14 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
-import vlp_core.corpus
-import vlp_core.images
-import vlp_core.ingest
+import vlp_core.corpus.images
+import vlp_core.corpus.ingest
+import vlp_core.corpus.sources
+import vlp_core.corpus.text
 import vlp_core.language.embed
 import vlp_core.language.grounding
 import vlp_core.language.linking
 import vlp_core.language.phrases
-import vlp_core.sources
-import vlp_core.text
 import vlp_core.vision.darknet
 import vlp_core.vision.detect
 import vlp_core.vision.features
@@ -43,14 +39,18 @@ from stores.catalog import build_catalog, connect
 from stores.faiss_store import FaissStore, IndexMeta, build_index_streaming, choose_factory
 from stores.shards import ShardStore, code_version, stable_hash, to_table
 from vlp_core.config import CorpusConfig, RunnerConfig, SourceSpec, load_corpus_config
-from vlp_core.ingest import STAGE as INGEST
-from vlp_core.ingest import ShardRows, ingest_images, ingest_texts
+from vlp_core.corpus import stages as corpus
+from vlp_core.corpus.ingest import STAGE as INGEST
+from vlp_core.corpus.ingest import ShardRows, ingest_images, ingest_texts
+from vlp_core.corpus.sources import Unit, build_source
+from vlp_core.memory import PeakRSS, children_peak_rss_mb, run_peak_rss_mb
 from vlp_core.paths import DataLayout
-from vlp_core.sources import Unit, build_source
 
 CORPUS = "corpus"  # the source name of stages over the whole (deduplicated) corpus
 VISION_MODULES = (vlp_core.vision.darknet, vlp_core.vision.detect, vlp_core.vision.features)
-INGEST_CODE = code_version(vlp_core.images, vlp_core.text, vlp_core.sources, vlp_core.ingest)
+INGEST_CODE = code_version(
+    vlp_core.corpus.images, vlp_core.corpus.text, vlp_core.corpus.sources, vlp_core.corpus.ingest
+)
 
 
 def make_task_runner(cfg: RunnerConfig):
@@ -193,7 +193,7 @@ def _query(catalog: str, sql: str) -> list[tuple]:
 
 
 REGIONS = "regions"
-REGIONS_CODE = code_version(vlp_core.corpus.region_rows, vlp_core.corpus.vision_models, *VISION_MODULES)
+REGIONS_CODE = code_version(corpus.region_rows, corpus.vision_models, *VISION_MODULES)
 
 
 def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -202,8 +202,8 @@ def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     for f, file_ids in job.payload["files"].items():  # read only this shard's rows from its ingest files
         t = pq.read_table(f, columns=["image_id", "image"], filters=[("image_id", "in", file_ids)])
         jpeg_of.update(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist(), strict=True))
-    detector, extractor = vlp_core.corpus.vision_models(cfg.regions)
-    return vlp_core.corpus.region_rows(ids, [jpeg_of[i] for i in ids], detector, extractor, cfg.regions)
+    detector, extractor = corpus.vision_models(cfg.regions)
+    return corpus.region_rows(ids, [jpeg_of[i] for i in ids], detector, extractor, cfg.regions)
 
 
 SHARD_ROWS[REGIONS] = _region_rows
@@ -234,12 +234,12 @@ def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ embed, index
 
 EMBED, INDEX = "embed", "index"
-EMBED_CODE = code_version(vlp_core.corpus.embed_rows, vlp_core.language.embed)
+EMBED_CODE = code_version(corpus.embed_rows, vlp_core.language.embed)
 
 
 def _embed_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    enc = vlp_core.corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
-    return vlp_core.corpus.embed_rows(enc, [k for k, _ in job.units], job.payload["texts"])
+    enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    return corpus.embed_rows(enc, [k for k, _ in job.units], job.payload["texts"])
 
 
 SHARD_ROWS[EMBED] = _embed_rows
@@ -284,14 +284,14 @@ def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any
         return {"index_vectors": 0, "index_rebuilt": 0}
     t0 = time.time()
     ids: list[str] = []
-    dim = next(vlp_core.corpus.iter_embeddings(files[:1]))[1].shape[1]
+    dim = next(corpus.iter_embeddings(files[:1]))[1].shape[1]
     factory = cfg.index.factory or choose_factory(
         n, dim, int(cfg.index.memory_budget_gb * 2**30), exact_below=cfg.index.exact_below
     )
 
     def batches():
         ids.clear()
-        for batch_ids, vecs in vlp_core.corpus.iter_embeddings(files):
+        for batch_ids, vecs in corpus.iter_embeddings(files):
             ids.extend(batch_ids)
             yield vecs
 
@@ -315,12 +315,12 @@ def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any
 
 RETRIEVE, PHRASES, LINKS = "retrieve", "phrases", "links"
 LANGUAGE_CODE = code_version(
-    vlp_core.corpus.phrase_rows,
-    vlp_core.corpus.link_rows,
+    corpus.phrase_rows,
+    corpus.link_rows,
     vlp_core.language.phrases,
     vlp_core.language.linking,
 )
-RETRIEVE_CODE = code_version(vlp_core.corpus.retrieve_rows)
+RETRIEVE_CODE = code_version(corpus.retrieve_rows)
 _INDEX_CACHE: dict[str, tuple] = {}
 
 
@@ -335,23 +335,19 @@ def _sentence_index(layout_indexes: str, signature: str) -> tuple:
 
 
 def _retrieve_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    enc = vlp_core.corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
     index, ids = _sentence_index(job.payload["indexes"], job.payload["index_signature"])
     image_ids = [k for k, _ in job.units]
-    return vlp_core.corpus.retrieve_rows(
-        enc, index, ids, image_ids, job.payload["queries"], cfg.retrieve.top_k
-    )
+    return corpus.retrieve_rows(enc, index, ids, image_ids, job.payload["queries"], cfg.retrieve.top_k)
 
 
 def _phrase_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    return vlp_core.corpus.phrase_rows(
-        vlp_core.corpus.phrase_extractor(), [k for k, _ in job.units], job.payload["texts"]
-    )
+    return corpus.phrase_rows(corpus.phrase_extractor(), [k for k, _ in job.units], job.payload["texts"])
 
 
 def _link_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    sim = vlp_core.corpus.similarity(cfg.link.similarity)
-    return vlp_core.corpus.link_rows(sim, job.payload["images"], cfg.link.min_score, cfg.link.mask_base)
+    sim = corpus.similarity(cfg.link.similarity)
+    return corpus.link_rows(sim, job.payload["images"], cfg.link.min_score, cfg.link.mask_base)
 
 
 SHARD_ROWS.update({RETRIEVE: _retrieve_rows, PHRASES: _phrase_rows, LINKS: _link_rows})
@@ -453,7 +449,7 @@ def ingest_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ gallery
 
 GALLERY = "gallery"
-GALLERY_CODE = code_version(vlp_core.corpus.gallery_rows, vlp_core.language.grounding)
+GALLERY_CODE = code_version(corpus.gallery_rows, vlp_core.language.grounding)
 
 
 # Candidates, in output order: per (concept, image) its best detected region; then, with image-tag patches on,
@@ -504,8 +500,8 @@ def _gallery_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
         candidates, jpeg_of = gallery_candidates(con, cfg.gallery)
     finally:
         con.close()
-    detector, _ = vlp_core.corpus.vision_models(cfg.regions)
-    return vlp_core.corpus.gallery_rows(candidates, jpeg_of, detector.labels, cfg.gallery.thumb_side)
+    detector, _ = corpus.vision_models(cfg.regions)
+    return corpus.gallery_rows(candidates, jpeg_of, detector.labels, cfg.gallery.thumb_side)
 
 
 SHARD_ROWS[GALLERY] = _gallery_rows
@@ -526,9 +522,7 @@ def gallery_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------- ground
 
 GROUND = "ground"
-GROUND_CODE = code_version(
-    vlp_core.corpus.ground_rows, vlp_core.corpus.concept_matcher, vlp_core.language.grounding
-)
+GROUND_CODE = code_version(corpus.ground_rows, corpus.concept_matcher, vlp_core.language.grounding)
 
 
 def ground_signature(concepts: list[tuple[str, list[str], int]]) -> str:
@@ -541,8 +535,8 @@ def ground_signature(concepts: list[tuple[str, list[str], int]]) -> str:
 def _ground_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     forms = {c: list(f) for c, f, _ in job.payload["concepts"]}
     with_patches = frozenset(c for c, _, n in job.payload["concepts"] if n > 0)
-    return vlp_core.corpus.ground_rows(
-        vlp_core.corpus.concept_matcher(forms), [k for k, _ in job.units], job.payload["texts"], with_patches
+    return corpus.ground_rows(
+        corpus.concept_matcher(forms), [k for k, _ in job.units], job.payload["texts"], with_patches
     )
 
 
@@ -642,24 +636,6 @@ def _publish(layout: DataLayout) -> dict[str, Any]:
     return out
 
 
-def _reset_peak_rss() -> None:
-    """Reset this process's peak RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``), so the peak read
-    after a stage is that stage's own; elsewhere the peak stays cumulative."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process (the flow run and its thread-runner tasks) since the last reset, in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 @flow(name="build-corpus", log_prints=True)
 def build_corpus(config: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the corpus described by ``configs/corpus/<config>.yaml`` (or a YAML path) + dotted overrides.
@@ -671,7 +647,7 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     layout = DataLayout.default()
     store = ShardStore(layout.store)
     store.ensure_tables()
-    removed = store.collect_garbage()
+    removed = store.collect_garbage() + FaissStore(layout.indexes).collect_garbage()
     if removed:
         log.info("removed %d leftover files of an interrupted run", removed)
     run_dir = layout.runs / "corpus" / time.strftime("%Y%m%dT%H%M%S")
@@ -685,25 +661,29 @@ def build_corpus(config: str = "default", overrides: dict[str, Any] | None = Non
     stage_peak_mb: dict[str, float] = {}
     for stage in cfg.stages:
         ts = time.time()
-        _reset_peak_rss()
-        if stage == INDEX:  # one task, not sharded
-            counts[stage] = build_sentence_index(cfg, layout)
-        else:
-            runner = make_task_runner(cfg.runner)
-            counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
+        with PeakRSS() as mem:  # sampled: the kernel's high-water mark stays the whole run's
+            if stage == INDEX:  # one task, not sharded
+                counts[stage] = build_sentence_index(cfg, layout)
+            else:
+                runner = make_task_runner(cfg.runner)
+                counts[stage] = STAGE_FLOWS[stage].with_options(task_runner=runner)(cfg, layout)
         stage_seconds[stage] = round(time.time() - ts, 1)
-        stage_peak_mb[stage] = _peak_rss_mb()
+        stage_peak_mb[stage] = mem.peak_mb
         log.info(
             "stage %s done in %.1fs, peak RSS %.0f MB", stage, stage_seconds[stage], stage_peak_mb[stage]
         )
-    peak_mb = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *stage_peak_mb.values()])
+    publish = _publish(layout)
+    # The whole run in this process: the kernel's high-water mark (what /usr/bin/time reports too), which the
+    # kernel updates lazily, so a sampled stage peak can read a little above it.
+    peak_mb = max(run_peak_rss_mb(), *stage_peak_mb.values(), 0.0)
     result = {
         "counts": counts,
         "seconds": round(time.time() - t0, 1),
         "stage_seconds": stage_seconds,
-        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_mb": peak_mb,
         "stage_peak_rss_mb": stage_peak_mb,
-        **_publish(layout),
+        "children_peak_rss_mb": children_peak_rss_mb(),  # process-pool workers, when the runner has them
+        **publish,
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     log.info("corpus built in %.1fs, peak RSS %.0f MB: %s", result["seconds"], peak_mb, counts)

@@ -21,7 +21,9 @@ import flows  # noqa: F401  (offline environment defaults)
 from vlp_core.paths import DataLayout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+# Rich cuts tables to 80 columns when stdout is not a terminal (a log, CI, a pipe), which leaves every cell
+# of a wide table as "pret…"; off a terminal, lines are as wide as their content.
+console = Console() if sys.stdout.isatty() else Console(width=1_000)
 err = Console(stderr=True)
 
 
@@ -39,21 +41,40 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _api_reachable() -> str | None:
+def _choose_api() -> str:
+    """Point this process at a Prefect API, the same way from any directory.
+
+    ``PREFECT_API_URL`` in the environment is used as given (it must answer). Otherwise the stack that
+    ``vlp serve`` started for this data directory, if it is up, then the address of the repository's
+    ``prefect.toml`` (read only when run from the repository root), if something answers there; and when
+    nothing does, a temporary server in this process (its database under ``<data>/prefect``).
+    Returns a line that says which.
+    """
     from prefect.settings import PREFECT_API_URL
 
-    from flows.serve import healthy
+    from flows.serve import healthy, read_state
 
-    url = PREFECT_API_URL.value()
-    if url and not healthy(url):
-        return url
-    return None
+    if os.environ.get("PREFECT_API_URL"):
+        url = os.environ["PREFECT_API_URL"]
+        if not healthy(url):
+            raise UserError(f"no Prefect server answers at PREFECT_API_URL={url}: start one with `vlp serve`")
+        return f"Prefect server {url} (PREFECT_API_URL)"
+    state = read_state(Path(os.environ["PREFECT_HOME"]))
+    for url, source in (
+        (state.api_url if state else None, "vlp serve"),
+        (PREFECT_API_URL.value(), "prefect.toml"),
+    ):
+        if url and healthy(url):
+            os.environ["PREFECT_API_URL"] = url
+            return f"Prefect server {url} ({source})"
+    os.environ["PREFECT_API_URL"] = ""  # empty: Prefect starts a temporary server for this process
+    return "no Prefect server is running (`vlp serve` starts one): this run uses a temporary one"
 
 
 @app.command()
 def fetch() -> None:
     """Fetch the bundled real data (Debian packages, YOLO weights) into the data directory (idempotent)."""
-    from vlp_core.assets import fetch_all
+    from vlp_core.corpus.assets import fetch_all
 
     layout = fetch_all(log=lambda m: console.print(f"[cyan]{m}"))
     console.print(f"data directory: {layout.root}")
@@ -66,19 +87,20 @@ def ingest(
         list[str] | None, typer.Option("--set", help="dotted override, e.g. ingest.max_pixels=1e8")
     ] = None,
 ) -> None:
-    """Run the build-corpus flow in this process (against the running server, if any)."""
+    """Run the build-corpus flow in this process (against the running server, if any; the bundled data is
+    fetched first where it is missing)."""
     from vlp_core.config import load_corpus_config
+    from vlp_core.corpus.assets import fetch_all
 
     overrides = _parse_sets(set_)
     load_corpus_config(config, overrides)  # a bad config is a one-line error, before any flow starts
-    down = _api_reachable()
-    if down:
-        raise UserError(f"no Prefect server answers at {down}: start one with `vlp serve`")
+    fetch_all(log=lambda m: console.print(f"[cyan]{m}"))  # a no-op once fetched
+    console.print(f"[cyan]{_choose_api()}")
     from flows.build_corpus import build_corpus
 
     result = build_corpus(config=config, overrides=overrides)
     _print_rows(result["summary"], "rows per source")
-    _print_rows(result["rejects"], "rejects by stage and reason")
+    _print_rows(result["rejects"], "rejects by stage and reason", empty="no rejects")
 
 
 @app.command()
@@ -162,6 +184,8 @@ def sql(
     query: Annotated[str, typer.Argument(help="SQL to run on the catalog (read-only)")],
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     limit: Annotated[int, typer.Option(help="max rows shown in table format")] = 50,
+    title: Annotated[str | None, typer.Option(help="title over the table")] = None,
+    empty: Annotated[str, typer.Option(help="what to print when the query returns no rows")] = "no rows",
 ) -> None:
     """Query the catalog read-only, e.g. vlp sql "select * from rejects_by_reason"."""
     import duckdb
@@ -191,7 +215,7 @@ def sql(
         w.writerow(cols)
         w.writerows(rows)
     else:
-        _print_rows([dict(zip(cols, r, strict=True)) for r in rows[:limit]], None)
+        _print_rows([dict(zip(cols, r, strict=True)) for r in rows[:limit]], title, empty=empty)
         if len(rows) > limit:
             console.print(f"... {len(rows) - limit} more rows (--limit)")
 
@@ -229,9 +253,9 @@ def runs(
     _print_rows(rows, f"training runs in {root}")
 
 
-def _print_rows(rows: list[dict], title: str | None) -> None:
+def _print_rows(rows: list[dict], title: str | None, empty: str = "no rows") -> None:
     if not rows:
-        console.print(f"{title or 'result'}: no rows")
+        console.print(f"{title or 'result'}: {empty}")
         return
     t = Table(title=title)
     for c in rows[0]:
@@ -252,6 +276,8 @@ def _fmt(v: Any) -> str:
 
 def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(DataLayout.default().prefect_home))
+    # Prefect opens its SQLite database under its home and does not create the folder itself.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         app()
     except (UserError, FileNotFoundError, ValueError, ValidationError) as exc:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from stores.catalog import connect
+from vlp_core.corpus.quality import random_alignment_at_k, random_category_at_k, random_category_precision
 from vlp_core.paths import DataLayout
-from vlp_core.quality import random_alignment_at_k, random_category_at_k, random_category_precision
 
 
 def _rows(con, sql: str, params: list | None = None) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ CMC_KEYS = ("grounded_sentences", "grounded_share", "grounded_words", "expected_
 
 
 def _thumb(jpeg: bytes, side: int = 128) -> str:
-    from vlp_core.images import load_rgb
+    from vlp_core.corpus.images import load_rgb
 
     im = load_rgb(jpeg)
     im.thumbnail((side, side))

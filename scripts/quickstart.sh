@@ -10,7 +10,8 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 "$VENV/bin/vlp" serve
 "$VENV/bin/prefect" deployment run build-corpus/quickstart --watch
 "$VENV/bin/vlp" sql "select * from ingest_summary"
-"$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason"
+"$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason" \
+  --title "rejects by stage and reason" --empty "no rejects"
 "$VENV/bin/vlp" sql "select * from tag_coverage"
 "$VENV/bin/vlp" sql "select image_id, category, tag_sentence, rank, round(score, 3) score, text from retrieval_browser where source = 'openclipart' order by image_id, rank" --limit 15
 "$VENV/bin/prefect" deployment run pretrain/albef --watch

@@ -20,7 +20,9 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing the pinned stack into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v -i "warning" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dask]" 2>&1 \
+  # setuptools prints an "Editable installation" banner for every editable install (nothing to act on).
+  PYTHONWARNINGS="ignore:Editable installation" \
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,dask]" 2>&1 \
     | grep -v -E "WARNING: Location|is ignored" || true
   # spaCy English with word vectors (an option for phrase-tag similarity); its metadata asks for an older
   # Python than the one its files work with, hence --ignore-requires-python.

@@ -1,37 +1,53 @@
--- Raw tables: every committed shard file of each Parquet table. ${STORE} is replaced by the store path
--- when the catalog is (re)built. Files are globbed at query time, so new shards show up without a rebuild.
+-- Raw tables: every committed shard of each Parquet table. ${STORE} is replaced by the store path when the
+-- catalog is (re)built. Files are globbed at query time, so new shards show up without a rebuild.
+--
+-- A shard is committed iff its manifest, _manifests/<stage>/<source>/<shard>.json, exists (written after its
+-- data files): a data file <table>/<source>/<stage>-<shard>.parquet whose manifest is missing (a crash between
+-- the two, a planted file) is never read. Only the manifests' names are listed, never their contents.
+CREATE OR REPLACE MACRO committed_shards() AS TABLE
+SELECT regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 2) || '/'
+       || regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 1) || '-'
+       || regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 3) AS shard_key
+FROM glob('${STORE}/_manifests/*/*/*.json');
+
+-- The committed rows of one table, with the file each row came from. The zero-row _schema.parquet file of
+-- every table gives the columns even when nothing is committed yet.
+CREATE OR REPLACE MACRO store_table(tbl) AS TABLE
+SELECT * FROM read_parquet('${STORE}/' || tbl || '/**/*.parquet', filename = true)
+WHERE regexp_extract(filename, '([^/]+/[^/]+)\.parquet$', 1) IN (SELECT shard_key FROM committed_shards());
+
 CREATE OR REPLACE VIEW images_raw AS
-SELECT * FROM read_parquet('${STORE}/images/**/*.parquet', filename = true);
+SELECT * FROM store_table('images');
 
 CREATE OR REPLACE VIEW texts_raw AS
-SELECT * FROM read_parquet('${STORE}/texts/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('texts');
 
 CREATE OR REPLACE VIEW known_pairs_raw AS
-SELECT * FROM read_parquet('${STORE}/known_pairs/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('known_pairs');
 
 CREATE OR REPLACE VIEW rejects AS
-SELECT * FROM read_parquet('${STORE}/rejects/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('rejects');
 
 CREATE OR REPLACE VIEW regions AS
-SELECT * FROM read_parquet('${STORE}/regions/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('regions');
 
 CREATE OR REPLACE VIEW image_tags AS
-SELECT * FROM read_parquet('${STORE}/image_tags/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('image_tags');
 
 CREATE OR REPLACE VIEW text_embeddings AS
-SELECT * FROM read_parquet('${STORE}/text_embeddings/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('text_embeddings');
 
 CREATE OR REPLACE VIEW retrieved_pairs AS
-SELECT * FROM read_parquet('${STORE}/retrieved_pairs/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('retrieved_pairs');
 
 CREATE OR REPLACE VIEW noun_phrases AS
-SELECT * FROM read_parquet('${STORE}/noun_phrases/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('noun_phrases');
 
 CREATE OR REPLACE VIEW phrase_links AS
-SELECT * FROM read_parquet('${STORE}/phrase_links/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('phrase_links');
 
 CREATE OR REPLACE VIEW patch_gallery AS
-SELECT * FROM read_parquet('${STORE}/patch_gallery/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('patch_gallery');
 
 CREATE OR REPLACE VIEW concepts AS
-SELECT * FROM read_parquet('${STORE}/concepts/**/*.parquet');
+SELECT * EXCLUDE (filename) FROM store_table('concepts');

@@ -1,4 +1,5 @@
-"""FAISS indexes on disk: ``<name>/index.faiss`` + ``ids.parquet`` (row → id) + ``meta.json``.
+"""FAISS indexes on disk: ``<name>/index.faiss`` + ``ids.parquet`` (row → id) + ``meta.json``, where
+``<name>`` is a link to the current version folder ``.<name>.v-*`` (a rebuild swaps the link atomically).
 
 Vectors are L2-normalised and searched by inner product (= cosine). The index type follows the corpus size
 and a memory budget (the autofaiss rule of thumb), and can be forced with ``factory``:
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +27,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stores.failpoints import kill_point
 
 
 @dataclass
@@ -135,26 +139,55 @@ class FaissStore:
         return self.root / name
 
     def save(self, name: str, index: faiss.Index, ids: list[str] | np.ndarray, meta: IndexMeta) -> Path:
-        """Write index, id map and meta into a temp folder, then swap it in (readers never see a mix)."""
+        """Write index, id map and meta into a new version folder, then swap it in with one atomic rename of
+        the ``<name>`` link: readers see the old version or the new one, never a mix or nothing, and a kill at
+        any point leaves only leftovers that the next save (or :meth:`collect_garbage`) removes."""
         if index.ntotal != len(ids):
             raise ValueError(f"index has {index.ntotal} vectors but {len(ids)} ids")
+        self.collect_garbage(name)
         final = self.path(name)
-        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        version = final.with_name(f".{name}.v-{time.time_ns()}-{os.getpid()}")
+        tmp = version.with_name(version.name.replace(".v-", ".tmp-", 1))
+        tmp.mkdir(parents=True)
         faiss.write_index(index, str(tmp / "index.faiss"))
         pq.write_table(
             pa.table({"row": np.arange(len(ids), dtype=np.int64), "id": pa.array(ids)}), tmp / "ids.parquet"
         )
         (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=1))
-        old = final.with_name(f".{name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            for p in old.iterdir():
-                p.unlink()
-            old.rmdir()
+        os.replace(tmp, version)  # complete: a version folder never holds a partial index
+        if final.is_dir() and not final.is_symlink():  # a store of the layout before version folders
+            os.replace(final, final.with_name(f".{name}.old-{os.getpid()}"))
+        link = final.with_name(f".{name}.link-{os.getpid()}")
+        link.unlink(missing_ok=True)
+        link.symlink_to(version.name)  # relative: the store can move
+        kill_point("before-swap", name)
+        os.replace(link, final)  # the swap: atomic
+        self.collect_garbage(name)
         return final
+
+    def collect_garbage(self, name: str | None = None) -> int:
+        """Remove what interrupted saves left (``.<name>.tmp-*``, ``.<name>.link-*``, ``.<name>.old-*`` and
+        version folders the ``<name>`` link does not point to); returns how many. Saves of one name must not
+        run concurrently (the corpus flow builds each index in one task)."""
+        if not self.root.exists():
+            return 0
+        current = {
+            os.readlink(p) for p in self.root.iterdir() if p.is_symlink() and not p.name.startswith(".")
+        }
+        removed = 0
+        for p in self.root.iterdir():
+            if not p.name.startswith("."):
+                continue
+            base, dot, kind = p.name[1:].rpartition(".")
+            if not dot or (name is not None and base != name):
+                continue
+            if kind.split("-")[0] in ("tmp", "old", "link", "v") and p.name not in current:
+                if p.is_symlink() or p.is_file():
+                    p.unlink()
+                else:
+                    shutil.rmtree(p)
+                removed += 1
+        return removed
 
     def load_meta(self, name: str) -> IndexMeta:
         p = self.path(name) / "meta.json"
@@ -163,8 +196,10 @@ class FaissStore:
         return IndexMeta(**json.loads(p.read_text()))
 
     def load(self, name: str) -> tuple[faiss.Index, np.ndarray, IndexMeta]:
-        p = self.path(name)
-        meta = self.load_meta(name)
+        if not (self.path(name) / "meta.json").exists():
+            raise FileNotFoundError(f"no index {name!r} under {self.root}")
+        p = self.path(name).resolve()  # one version for all three files, even if a save swaps meanwhile
+        meta = IndexMeta(**json.loads((p / "meta.json").read_text()))
         index = faiss.read_index(str(p / "index.faiss"))
         if "IVF" in meta.factory:  # reaches the IVF inside OPQ/PQ wrappers too (plain setattr does not)
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", meta.nprobe)

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stores.failpoints import kill_point
 from stores.schemas import TABLES, schema_of
 
 
@@ -149,6 +150,20 @@ class ShardStore:
     def is_committed(self, stage: str, source: str, shard: str) -> bool:
         return (self.manifest_dir(stage, source) / f"{shard}.json").exists()
 
+    def _file_committed(self, path: Path) -> bool:
+        """Whether a data file ``<table>/<source>/<stage>-<shard>.parquet`` belongs to a committed shard."""
+        stage, _, shard = path.stem.partition("-")
+        return bool(shard) and self.is_committed(stage, path.parent.name, shard)
+
+    def committed_files(self, table: str) -> list[Path]:
+        """The data files of ``table``'s committed shards, sorted. A file whose manifest is missing (a crash
+        between the file's rename and the manifest, or a file put there by hand) is not part of the table:
+        readers see a shard only once its manifest exists (the catalog's views apply the same rule)."""
+        tdir = self.table_dir(table)
+        if not tdir.exists():
+            return []
+        return sorted(p for p in tdir.glob("*/*.parquet") if self._file_committed(p))
+
     def commit(
         self,
         stage: str,
@@ -182,6 +197,7 @@ class ShardStore:
             committed_at=time.time(),
         )
         mpath = self.manifest_dir(stage, source) / f"{shard}.json"
+        kill_point("before-manifest", stage)
         _atomic_write_bytes(json.dumps(asdict(m), indent=1).encode(), mpath)
         return m
 
@@ -208,8 +224,7 @@ class ShardStore:
                     continue
                 if p.parent == tdir or p.suffix != ".parquet":
                     continue
-                stage, _, shard = p.stem.partition("-")
-                if not self.is_committed(stage, p.parent.name, shard):
+                if not self._file_committed(p):
                     p.unlink(missing_ok=True)
                     removed += 1
         for p in (self.root / "_manifests").rglob("*.tmp-*") if (self.root / "_manifests").exists() else []:
@@ -219,7 +234,7 @@ class ShardStore:
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """All committed shards of a table, concatenated (small tables and tests; SQL for the rest)."""
-        files = sorted(self.table_dir(table).rglob("*.parquet"))
+        files = self.committed_files(table)
         parts = [pq.read_table(f, columns=columns, schema=schema_of(table)) for f in files]
         schema = schema_of(table)
         if columns:

@@ -16,6 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from stores.shards import ShardStore, to_table
+from vlp_core.corpus.images import load_rgb
+from vlp_core.corpus.ingest import ingest_images, ingest_texts
+from vlp_core.corpus.sources import TextRecord, build_source
 from vlp_core.data import (
     ImageCollator,
     ImageDataset,
@@ -34,9 +37,6 @@ from vlp_core.data import (
     stable_keys,
     train_transform,
 )
-from vlp_core.images import load_rgb
-from vlp_core.ingest import ingest_images, ingest_texts
-from vlp_core.sources import TextRecord, build_source
 
 SALT, FRACTION = "test-salt", 0.25
 MEAN = STD = (0.5, 0.5, 0.5)

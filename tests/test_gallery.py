@@ -16,10 +16,10 @@ from flows.build_corpus import gallery_candidates, ground_signature
 from stores.catalog import build_catalog, connect
 from stores.shards import ShardStore, to_table
 from vlp_core.config import GalleryConfig
-from vlp_core.corpus import concept_matcher, gallery_rows, ground_rows
+from vlp_core.corpus.quality import expected_cutmix_replacements
+from vlp_core.corpus.stages import concept_matcher, gallery_rows, ground_rows
 from vlp_core.language import ConceptVocabulary, cutmix_choices
 from vlp_core.paths import DataLayout
-from vlp_core.quality import expected_cutmix_replacements
 
 LABELS = ["dog", "cup", "traffic light", "hot dog", "cell phone"]  # the "detector's" vocabulary
 

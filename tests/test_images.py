@@ -8,7 +8,7 @@ import resource
 import pytest
 from PIL import Image
 
-from vlp_core.images import DecodedImage, DecodeLimits, Rejected, decode_image, load_rgb
+from vlp_core.corpus.images import DecodedImage, DecodeLimits, Rejected, decode_image, load_rgb
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -23,6 +23,11 @@ def test_rejects_have_reasons():
         b"": "empty_file",
         b"hello, I am not an image\n" * 10: "not_an_image",
         png[: len(png) // 2]: "truncated",
+        png[:8]: "truncated",  # the signature and nothing after it
+        png[:20]: "truncated",  # cut inside the header chunk
+        png[:33]: "truncated",  # a whole header chunk, then nothing
+        png[:16] + b"\xff\xff\xff\xff" + png[20:]: "corrupt_image",  # a header chunk whose CRC fails
+        b"BMW and Audi are car makers\n" * 4: "not_an_image",  # Pillow's BMP reader tries it ("BM")
         _encode(Image.new("RGB", (3, 2)), "PNG"): "too_small",
     }
     for data, reason in cases.items():
@@ -56,17 +61,18 @@ def test_grayscale_la_16bit_cmyk_become_rgb():
     la = Image.merge("LA", [gray, Image.new("L", (64, 64), 128)])
     i16 = gray.convert("I").point(lambda v: v * 200).convert("I;16")
     cmyk = Image.new("CMYK", (64, 64), (0, 255, 255, 0))
-    for im, fmt, flag in (
-        (gray, "PNG", "grayscale"),
-        (la, "PNG", "alpha_composited"),
-        (i16, "PNG", "high_bit_depth"),
-        (cmyk, "JPEG", None),
+    ycbcr = Image.new("RGB", (64, 64), "teal").convert("YCbCr")
+    for im, fmt, flags in (
+        (gray, "PNG", {"grayscale"}),
+        (la, "PNG", {"grayscale", "alpha_composited"}),
+        (i16, "PNG", {"high_bit_depth"}),
+        (cmyk, "JPEG", {"cmyk"}),
+        (ycbcr, "TIFF", {"converted_ycbcr"}),
     ):
         out = decode_image(_encode(im, fmt))
         assert isinstance(out, DecodedImage), (im.mode, out)
         assert load_rgb(out.jpeg).mode == "RGB"
-        if flag:
-            assert flag in out.flags, (im.mode, out.flags)
+        assert flags <= set(out.flags), (im.mode, out.flags)
     # 16-bit: scaled to the full 8-bit range, not clipped to white
     rgb = load_rgb(decode_image(_encode(i16, "PNG")).jpeg)
     assert rgb.getextrema()[0][0] < 30 and rgb.getextrema()[0][1] > 220

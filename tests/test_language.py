@@ -218,6 +218,28 @@ def test_similarity_caches_repeated_strings(encoder):
     np.testing.assert_allclose(second[:, :3], first[[2, 0]], atol=1e-6)
 
 
+def test_link_rows_of_a_shard_do_not_depend_on_what_the_process_embedded_before(encoder):
+    """The links stage's output is a function of its shard: the same bytes whether the similarity met other
+    strings first (through its cache, a string's embedding would carry the batch it first came in) or not."""
+    from vlp_core.corpus.stages import link_rows
+
+    def shard(words: list[str]) -> list[dict]:
+        return [
+            {"image_id": f"i{k}", "tags": [(w, 0), ("person", 1)],
+             "texts": [(f"t{k}", [(0, f"a small {w} on the grass"), (1, "a woman"), (2, "the old red bus")])]}
+            for k, w in enumerate(words)
+        ]  # fmt: skip
+
+    b = shard(["dog", "frisbee", "pizza", "umbrella", "teddy bear"])
+    alone = link_rows(SbertSimilarity(encoder), b, 0.0, 0.15).tables["phrase_links"]
+    warm = SbertSimilarity(encoder)
+    for text in ("dog", "person", "a woman", "a small dog on the grass"):  # one at a time, as a later image's
+        warm.embeddings([text])  # lone new phrase would be: a batch of one gives other low bits
+    link_rows(warm, shard(["cat", "dog", "bicycle"]), 0.0, 0.15)
+    after = link_rows(warm, b, 0.0, 0.15).tables["phrase_links"]
+    assert after == alone and len(alone) == 10
+
+
 def test_mask_probability():
     assert mask_probability(0.8) == pytest.approx(0.12)
     assert mask_probability(1.0) == pytest.approx(0.15)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from vlp_core.quality import random_alignment_at_k, random_category_at_k, random_category_precision
+from vlp_core.corpus.quality import random_alignment_at_k, random_category_at_k, random_category_precision
 
 
 def test_random_alignment_matches_combinatorics():

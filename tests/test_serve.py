@@ -43,3 +43,29 @@ def test_cli_user_errors_are_one_line(prefect_stack):
     assert out.returncode == 2 and "SQL error" in out.stderr and "Traceback" not in out.stderr
     out = _run(sys.executable, "-m", "flows.cli", "ingest", "--config", "no-such-preset")
     assert out.returncode == 2 and "presets" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_ingest_works_from_any_directory_with_a_new_data_dir(real, tmp_path):
+    """No server configured, run from `/`, a data directory that does not exist yet: the CLI creates Prefect's
+    home there, runs on a temporary server (prefect.toml is not read outside the repository root, so the
+    project sets its start-up timeout itself), and prints its tables uncut into a pipe."""
+    from conftest import link_fetched
+
+    root = tmp_path / "new" / "data"
+    root.mkdir(parents=True)
+    link_fetched(root)  # the fetched inputs only (fetch is a no-op then): no prefect/, store/ or catalog yet
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"VLP_DATA_DIR": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ingest", "--config", "smoke", "--set", "limit_per_source=20"],
+        cwd="/", env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "temporary" in out.stdout and (root / "prefect").is_dir()
+    assert "openclipart" in out.stdout and "…" not in out.stdout  # a pipe gets whole cells
+    assert "too_short" in out.stdout  # wordnet's three one-word examples, under "rejects by stage and reason"
+    none = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sql", "select * from rejects_by_reason where stage = 'none'",
+         "--title", "rejects", "--empty", "no rejects"],
+        cwd="/", env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert none.returncode == 0 and none.stdout.strip() == "rejects: no rejects", none.stdout + none.stderr

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlp_core.sources import (
+from vlp_core.corpus.sources import (
     LineTextSource,
     OpenClipArtSource,
     build_source,
@@ -156,7 +156,7 @@ def test_gensim_news_is_documents():
 
 
 def test_easy_vqa_source_limit_per_split():
-    from vlp_core.sources import EasyVQASource
+    from vlp_core.corpus.sources import EasyVQASource
 
     every = EasyVQASource("e").units()
     assert len(every) == 5000 and all("/images/" in u.key for u in every)

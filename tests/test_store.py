@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import duckdb
 import faiss
 import numpy as np
@@ -56,6 +58,42 @@ def test_gc_removes_uncommitted_and_temp_files(tmp_path):
     assert not kept.exists() and store.read_table("texts").num_rows == 0
 
 
+def test_files_without_a_manifest_are_invisible_to_every_reader(tmp_path, monkeypatch):
+    """The manifest is the only commit point readers see: a shard's data files planted (or left by a crash
+    between their rename and the manifest) without a manifest are read neither by the catalog's views, nor by
+    `vlp sql`, nor by the store's own readers, before any clean-up."""
+    import os
+    import subprocess
+    import sys
+
+    from vlp_core.paths import REPO_ROOT
+
+    store = ShardStore(tmp_path / "store")
+    m = store.commit(
+        "ingest", "s", "k1", "sig", [("a", "1")], {"texts": _texts(("t1", "one"), ("t2", "two"))}
+    )
+    planted = store.root / "texts" / "s" / "ingest-k2.parquet"
+    planted.write_bytes((store.root / m.outputs["texts"]["file"]).read_bytes())  # 2 more rows, uncommitted
+    build_catalog(tmp_path / "catalog.duckdb", store.root)
+    con = connect(tmp_path / "catalog.duckdb")
+    assert con.execute("select count(*) from texts_raw").fetchone() == (2,)
+    con.close()
+    assert store.read_table("texts").num_rows == 2 and store.committed_files("texts") == [
+        planted.with_stem("ingest-k1")
+    ]
+    env = dict(os.environ, VLP_DATA_DIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sql", "select count(*) n from texts_raw", "--format", "csv"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.split() == ["n", "2"], out.stdout + out.stderr
+    # committing k2 (its manifest) is what makes the same file visible
+    store.commit("ingest", "s", "k2", "sig", [("b", "1")], {"texts": _texts(("t3", "three"))})
+    con = connect(tmp_path / "catalog.duckdb")
+    assert con.execute("select count(*) from texts_raw").fetchone() == (3,)
+    con.close()
+
+
 def test_commit_casts_to_schema_and_rejects_bad_names(tmp_path):
     store = ShardStore(tmp_path)
     with pytest.raises(ValueError):
@@ -106,3 +144,27 @@ def test_faiss_store_roundtrip_and_recall(tmp_path):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     fs.build_and_save("sent", x[:100], ids[:100], factory="Flat")  # replace atomically
     assert fs.load("sent")[2].count == 100
+
+
+def test_faiss_swap_is_one_rename_and_interrupted_saves_leave_nothing_for_good(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8)).astype("float32")
+    ids = np.array([f"id{i}" for i in range(50)], dtype=object)
+    legacy = tmp_path / "sent"  # an index folder of the layout before version folders
+    legacy.mkdir(parents=True)
+    (legacy / "meta.json").write_text("{}")
+    fs = FaissStore(tmp_path)
+    fs.build_and_save("sent", x, ids, factory="Flat")
+    assert (tmp_path / "sent").is_symlink() and fs.load("sent")[2].count == 50
+    # what kills at each point of a save leave: a half-written folder, a finished version never linked, a
+    # link made but not swapped in, the legacy folder moved aside
+    (tmp_path / ".sent.tmp-5-99").mkdir()
+    (tmp_path / ".sent.tmp-5-99" / "index.faiss").write_bytes(b"half")
+    (tmp_path / ".sent.v-6-99").mkdir()
+    (tmp_path / ".sent.link-99").symlink_to(".sent.v-6-99")
+    (tmp_path / ".sent.old-99").mkdir()
+    current = os.readlink(tmp_path / "sent")
+    assert fs.collect_garbage() == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sent", current])
+    fs.build_and_save("sent", x[:10], ids[:10], factory="Flat")
+    assert fs.load("sent")[2].count == 10 and len(list(tmp_path.iterdir())) == 2  # the old version is gone

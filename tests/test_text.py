@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vlp_core.ingest import ingest_texts
-from vlp_core.sources import TextRecord
-from vlp_core.text import TextLimits, TextReject, clean_text, decode_utf8, normalise, split_sentences
+from vlp_core.corpus.ingest import ingest_texts
+from vlp_core.corpus.sources import TextRecord
+from vlp_core.corpus.text import TextLimits, TextReject, clean_text, decode_utf8, normalise, split_sentences
 
 
 def test_normalise():

@@ -19,7 +19,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from vlp_core.images import DecodedImage, decode_image, load_rgb
+from vlp_core.corpus.images import DecodedImage, decode_image, load_rgb
 from vlp_core.vision import (
     Detection,
     Detector,

@@ -11,9 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from vlp_core.images import DecodeLimits
+from vlp_core.corpus.images import DecodeLimits
+from vlp_core.corpus.text import TextLimits
 from vlp_core.paths import REPO_ROOT, data_dir
-from vlp_core.text import TextLimits
 
 CONFIG_DIR = REPO_ROOT / "configs"
 

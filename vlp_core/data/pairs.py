@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from stores.shards import ShardStore
 from vlp_core.data.sampler import sample_seed
-from vlp_core.images import load_rgb
+from vlp_core.corpus.images import load_rgb
 
 __all__ = [
     "MODES",
@@ -282,7 +282,7 @@ class ImageDecodeError(RuntimeError):
 
 
 def _table_files(store: ShardStore, table: str) -> list[Path]:
-    return sorted(p for p in store.table_dir(table).rglob("*.parquet") if p.name != "_schema.parquet")
+    return store.committed_files(table)
 
 
 def _locate(

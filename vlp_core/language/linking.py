@@ -67,12 +67,45 @@ class _CachedCosine:
 
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         """Cosine similarities ``(len(a), len(b))`` float32 in [-1, 1]; 0 against a text with no embedding."""
-        a, b = list(a), list(b)
-        if not a or not b:
-            return np.zeros((len(a), len(b)), dtype=np.float32)
-        emb = self.embeddings(a + b)
-        sim = emb[: len(a)] @ emb[len(a) :].T
-        return np.clip(sim, -1.0, 1.0).astype(np.float32, copy=False)
+        return _cosine(self.embeddings, a, b)
+
+    def frozen(self, texts: Sequence[str]) -> FrozenCosine:
+        """The same similarity over exactly ``texts``, embedded now in one call, sorted and de-duplicated,
+        without this object's cache.
+
+        An encoder's output for a string shifts slightly (~1e-7) with the batch it is embedded in, so through
+        the cache a score would depend on which strings this process met before. A corpus stage embeds its
+        shard's strings this way: its output is then a function of the shard alone.
+        """
+        keys = sorted(set(texts))
+        table = self._embed(keys) if keys else np.zeros((0, 0), dtype=np.float32)
+        return FrozenCosine(dict(zip(keys, np.asarray(table, dtype=np.float32), strict=True)))
+
+
+def _cosine(embeddings, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    a, b = list(a), list(b)
+    if not a or not b:
+        return np.zeros((len(a), len(b)), dtype=np.float32)
+    emb = embeddings(a + b)
+    sim = emb[: len(a)] @ emb[len(a) :].T
+    return np.clip(sim, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+class FrozenCosine:
+    """Cosine similarity over a fixed table of unit embeddings (see :meth:`_CachedCosine.frozen`); a string
+    outside the table is an error, not a silent new embedding."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = table
+
+    def embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in self.table]
+        if missing:
+            raise KeyError(f"{len(missing)} strings were not embedded for this shard, e.g. {missing[0]!r}")
+        return np.stack([self.table[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
+
+    def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        return _cosine(self.embeddings, a, b)
 
 
 class SbertSimilarity(_CachedCosine):

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from stores.shards import ShardStore
+from vlp_core.corpus.ingest import content_id
 from vlp_core.data import (
     AnswerVocab,
     VQACollator,
@@ -25,7 +26,6 @@ from vlp_core.data import (
 )
 from vlp_core.data.regions import RegionCollator, RegionConfig, RegionVQADataset
 from vlp_core.eval import vqa_accuracy
-from vlp_core.ingest import content_id
 from vlp_core.models import AnswerClassifier, build_backbone
 from vlp_core.recipes import Stage
 from vlp_core.tasks.base import (

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vlp_core.images import DecodedImage, DecodeLimits, decode_image
-from vlp_core.sources import ImageRecord, TextRecord
-from vlp_core.text import TextLimits, TextReject, clean_text, decode_utf8
+from vlp_core.corpus.images import DecodedImage, DecodeLimits, decode_image
+from vlp_core.corpus.sources import ImageRecord, TextRecord
+from vlp_core.corpus.text import TextLimits, TextReject, clean_text, decode_utf8
 
 STAGE = "ingest"
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlp_core.ingest import ShardRows
+from vlp_core.corpus.ingest import ShardRows
 
 _ENCODERS: dict[tuple, object] = {}
 _LOCK = threading.RLock()  # re-entrant: similarity() builds its encoder under it
@@ -83,7 +83,7 @@ def region_rows(image_ids: list[str], jpegs: list[bytes], detector, extractor, c
     the detector labels (de-duplicated, by score) followed, when ``cfg.imagenet_tags``, by the backbone's
     ImageNet classes above ``imagenet_min_prob``; the tag sentence (the retrieval query) joins them.
     """
-    from vlp_core.images import load_rgb
+    from vlp_core.corpus.images import load_rgb
     from vlp_core.language import tag_sentence
     from vlp_core.vision.detect import detection_boxes
     from vlp_core.vision.features import box5, imagenet_tags, whole_image_box
@@ -202,6 +202,11 @@ def link_rows(sim, images: list[dict], min_score: float, mask_base: float) -> Sh
     """
     from vlp_core.language import link_tags_to_phrases, mask_probability
 
+    if hasattr(sim, "frozen"):  # embed the shard's strings once, in batches its own strings decide
+        sim = sim.frozen(
+            [t for img in images for t, _ in img["tags"]]
+            + [p for img in images for _, phrases in img["texts"] for _, p in phrases]
+        )
     rows = ShardRows(tables={"phrase_links": []})
     for img in images:
         tags = [t for t, _ in img["tags"]]
@@ -243,7 +248,7 @@ def gallery_rows(candidates: list[dict], jpeg_of: dict[str, bytes], labels: list
     import io
     from collections import Counter
 
-    from vlp_core.images import load_rgb
+    from vlp_core.corpus.images import load_rgb
     from vlp_core.language import ConceptVocabulary
 
     rows = ShardRows(tables={"patch_gallery": [], "concepts": []})

@@ -4,7 +4,9 @@ Real collections hold 3×2-pixel images, 600-megapixel PNGs (decompression bombs
 grayscale, CMYK, EXIF-rotated JPEGs, truncated and non-image files. The rules, in order:
 
 1. zero bytes → ``empty_file``; more than ``max_file_bytes`` → ``file_too_large`` (never read whole).
-2. not identifiable by Pillow → ``not_an_image``.
+2. Pillow cannot open it → ``not_an_image``, unless the file starts with an image format's signature (PNG,
+   JPEG, GIF, TIFF, BMP, WebP, ...): then it is a damaged image, ``truncated`` when it ends inside its header
+   or lacks its format's end marker (PNG, JPEG, GIF), else ``corrupt_image`` (e.g. a bad PNG header chunk).
 3. shorter side below ``min_side`` → ``too_small``.
 4. more than ``max_pixels`` pixels: JPEGs are decoded downscaled in the DCT domain (``draft``, 1/2–1/8) when
    that brings them under the limit; anything else → ``decompression_bomb``. Peak memory per decode is
@@ -12,7 +14,9 @@ grayscale, CMYK, EXIF-rotated JPEGs, truncated and non-image files. The rules, i
    downscaled before compositing).
 5. decoding fails part-way → ``truncated`` (Pillow's "image file is truncated") or ``decode_error``.
 6. EXIF orientation is applied; palette / alpha images are composited on white; grayscale, CMYK, 16-bit and
-   bilevel images become 8-bit RGB; animated images keep their first frame.
+   bilevel images become 8-bit RGB; animated images keep their first frame. Every conversion is named in
+   ``flags`` (``palette``, ``alpha_composited``, ``grayscale``, ``cmyk``, ``high_bit_depth``,
+   ``converted_<mode>`` for other modes such as YCbCr or LAB, ``exif_rotated``, ``first_frame``, ...).
 7. the result is downscaled (never upscaled) so its longer side is at most ``store_max_side`` and stored as
    JPEG (``jpeg_quality``), so later stages never touch the original file again.
 """
@@ -64,12 +68,66 @@ class Rejected:
     detail: str
 
 
+# (format, signature, bytes its header needs, its end marker). A file that starts with an image format's
+# signature and that Pillow cannot open is a damaged image, not a non-image: cut off when it ends inside its
+# header or lacks its format's end marker, else corrupt.
+_SIGNATURES = (
+    ("PNG", b"\x89PNG\r\n\x1a\n", 8 + 25, b"IEND\xaeB`\x82"),  # signature + IHDR (length, type, 13 B, CRC)
+    ("JPEG", b"\xff\xd8\xff", 4, b"\xff\xd9"),
+    ("GIF", b"GIF87a", 13, b";"),  # + the logical screen descriptor
+    ("GIF", b"GIF89a", 13, b";"),
+    ("TIFF", b"II*\x00", 8, b""),  # + the first IFD's offset
+    ("TIFF", b"MM\x00*", 8, b""),
+    ("BMP", b"BM", 14 + 12, b""),  # only with its reserved bytes zero (see _signature)
+    ("WebP", b"RIFF", 12 + 8, b""),  # only with "WEBP" at 8
+    ("PSD", b"8BPS", 26, b""),
+    ("ICO", b"\x00\x00\x01\x00", 6 + 16, b""),
+    ("JPEG 2000", b"\x00\x00\x00\x0cjP  ", 12, b""),
+    ("QOI", b"qoif", 14, b"\x00" * 7 + b"\x01"),
+)
+
+
+def _signature(data: bytes) -> tuple[str, int, bytes] | None:
+    for fmt, sig, header, end in _SIGNATURES:
+        if not data.startswith(sig):
+            continue
+        if fmt == "BMP" and data[6:10].strip(b"\x00"):  # "BM" alone starts too much text ("BMW ...")
+            continue
+        if fmt == "WebP" and data[8:12] != b"WEBP":
+            continue
+        return fmt, header, end
+    return None
+
+
+def _unopenable(data: bytes, exc: Exception) -> Rejected:
+    """Why Pillow could not open ``data``: a non-image, or a damaged image of the format its signature
+    names."""
+    sig = _signature(data)
+    if sig is None:
+        why = "" if isinstance(exc, UnidentifiedImageError) else f"; {type(exc).__name__}: {exc}"
+        return Rejected("not_an_image", f"not a recognised image format (first bytes {data[:8]!r}){why}")
+    fmt, header, end = sig
+    if len(data) < header:
+        return Rejected(
+            "truncated", f"{fmt} signature, but the file ends inside its header ({len(data)} bytes)"
+        )
+    if end and end not in data[-64:]:  # trailing junk after the marker is common; allow a little
+        return Rejected("truncated", f"{fmt} signature, but no {fmt} end marker ({len(data)} bytes)")
+    return Rejected(
+        "corrupt_image", f"{fmt} signature, but not readable as {fmt}: {type(exc).__name__}: {exc}"
+    )
+
+
 def _to_resizable(im: Image.Image, flags: list[str]) -> Image.Image:
     """Bring any Pillow mode to RGB, RGBA or L (modes Pillow resamples correctly), without compositing."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         flags.append("palette")
     elif im.mode in ("LA", "PA", "La", "RGBa"):
+        if im.mode in ("LA", "La"):
+            flags.append("grayscale")
+        elif im.mode == "PA":
+            flags.append("palette")
         im = im.convert("RGBA")
     elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
@@ -78,8 +136,8 @@ def _to_resizable(im: Image.Image, flags: list[str]) -> Image.Image:
         scale = 255.0 / max(hi - lo, 1)
         im = im.point(lambda v: (v - lo) * scale).convert("L")
     elif im.mode not in ("RGB", "RGBA", "L"):
-        if im.mode == "1":
-            flags.append("grayscale")
+        named = {"1": "grayscale", "CMYK": "cmyk"}
+        flags.append(named.get(im.mode, f"converted_{im.mode.lower().replace(';', '_')}"))
         im = im.convert("RGB")
     return im
 
@@ -104,10 +162,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
         return Rejected("file_too_large", f"{len(data)} bytes > max_file_bytes={limits.max_file_bytes}")
     try:
         im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        return Rejected("not_an_image", f"not a recognised image format (first bytes {data[:8]!r})")
     except Exception as exc:  # noqa: BLE001 - any header parse failure is a bad record, not a crash
-        return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
+        return _unopenable(data, exc)
     flags: list[str] = []
     fmt = im.format or "unknown"
     w, h = im.size
