@@ -90,11 +90,15 @@ def ingest(
     """Run the build-corpus flow in this process (against the running server, if any; the bundled data is
     fetched first where it is missing)."""
     from vlp_core.config import load_corpus_config
-    from vlp_core.corpus.assets import fetch_all
+    from vlp_core.corpus.assets import AssetError, fetch_all
 
     overrides = _parse_sets(set_)
     load_corpus_config(config, overrides)  # a bad config is a one-line error, before any flow starts
-    fetch_all(log=lambda m: console.print(f"[cyan]{m}"))  # a no-op once fetched
+    try:
+        fetch_all(log=lambda m: console.print(f"[cyan]{m}"))  # a no-op once fetched
+    except AssetError as exc:  # a config of the user's own data needs none of it
+        err.print(f"[yellow]warning:[/yellow] the bundled data could not be fetched ({exc}); sources that "
+                  "read it will say so")  # fmt: skip
     console.print(f"[cyan]{_choose_api()}")
     from flows.build_corpus import build_corpus
 

@@ -40,11 +40,13 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
 
 def fetch_debian(layout: DataLayout, packages=DEBIAN_PACKAGES, log: Callable[[str], None] = print) -> None:
     """Download and unpack Debian packages into ``layout.raw / 'debian'`` (no root needed)."""
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise AssetError("apt-get and dpkg are needed to fetch the Debian data packages")
     dest = layout.raw / "debian"
     debs = layout.raw / "debs"
     marks = layout.raw / ".fetched"
+    if all((marks / pkg).exists() for pkg in packages):
+        return  # fetched before: nothing to run, also where apt-get is absent
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise AssetError("apt-get and dpkg are needed to fetch the Debian data packages")
     for dirpath in (dest, debs, marks):
         dirpath.mkdir(parents=True, exist_ok=True)
     for pkg in packages:
