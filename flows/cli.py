@@ -197,10 +197,11 @@ def sql(
     from stores.catalog import connect
 
     layout = DataLayout.default()
-    if not layout.catalog.exists():
-        from stores.catalog import build_catalog
+    from stores.catalog import build_catalog, sql_files
 
-        build_catalog(layout.catalog, layout.store)
+    newest_view = max(f.stat().st_mtime for f in sql_files())
+    if not layout.catalog.exists() or layout.catalog.stat().st_mtime < newest_view:
+        build_catalog(layout.catalog, layout.store)  # views older than sql/ (e.g. after an update): rebuilt
     con = connect(layout.catalog)
     try:
         rel = con.execute(query)
