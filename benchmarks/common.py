@@ -15,18 +15,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from vlp_core.memory import status_kb
+
 MB = 1e6
 
 
 def _vmhwm_kb(status_path: str) -> int | None:
-    try:
-        with open(status_path) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    return status_kb("VmHWM", status_path)
 
 
 def peak_rss_mb() -> float:

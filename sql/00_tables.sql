@@ -5,9 +5,7 @@
 -- data files): a data file <table>/<source>/<stage>-<shard>.parquet whose manifest is missing (a crash between
 -- the two, a planted file) is never read. Only the manifests' names are listed, never their contents.
 CREATE OR REPLACE MACRO committed_shards() AS TABLE
-SELECT regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 2) || '/'
-       || regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 1) || '-'
-       || regexp_extract(file, '/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', 3) AS shard_key
+SELECT regexp_replace(file, '^.*/_manifests/([^/]+)/([^/]+)/([^/]+)\.json$', '\2/\1-\3') AS shard_key
 FROM glob('${STORE}/_manifests/*/*/*.json');
 
 -- The committed rows of one table, with the file each row came from. The zero-row _schema.parquet file of

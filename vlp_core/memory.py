@@ -18,30 +18,34 @@ from pathlib import Path
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
 
 
-def _status_mb(key: str) -> float | None:
+def status_kb(key: str, status_path: str = "/proc/self/status") -> int | None:
+    """A ``kB`` field of a Linux ``/proc/<pid>/status`` file (``VmHWM``, ``VmRSS``), or None where there is
+    none."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError):
         pass
     return None
 
 
+def _rusage_peak_mib(who: int) -> float:
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # macOS: bytes, Linux/BSD: KiB
+    return resource.getrusage(who).ru_maxrss * scale
+
+
 def run_peak_rss_mb() -> float:
     """This process's peak resident memory since it started, in MiB (Linux ``VmHWM``; elsewhere
     ``getrusage``)."""
-    mb = _status_mb("VmHWM")
-    if mb is not None:
-        return round(mb, 1)
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # macOS: bytes, Linux/BSD: KiB
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+    kb = status_kb("VmHWM")
+    return round(kb / 1024 if kb is not None else _rusage_peak_mib(resource.RUSAGE_SELF), 1)
 
 
 def children_peak_rss_mb() -> float:
     """The largest peak resident memory of any finished child process (process-pool workers), in MiB."""
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024
-    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1)
+    return round(_rusage_peak_mib(resource.RUSAGE_CHILDREN), 1)
 
 
 def current_rss_mb() -> float:
