@@ -107,6 +107,53 @@ def ingest(
     _print_rows(result["rejects"], "rejects by stage and reason", empty="no rejects")
 
 
+@app.command("build-tasks")
+def build_tasks_cmd(
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="a bundled task (repeatable; default: all)")
+    ] = None,
+    scale: Annotated[float, typer.Option(help="multiply every split's default size")] = 1.0,
+    seed: Annotated[int, typer.Option(help="the tasks' generation seed")] = 0,
+) -> None:
+    """Build the bundled scene tasks (NLVR2-, SNLI-VE-, RefCOCO+-, GQA- and Karpathy-shaped) into the store,
+    resuming where a previous build stopped."""
+    console.print(f"[cyan]{_choose_api()}")
+    from flows.build_tasks import build_tasks
+
+    result = build_tasks(tasks=task or None, scale=scale, seed=seed)
+    _print_rows(result["summary"], "bundled tasks: examples, labels and chance per split")
+
+
+@app.command("import-task")
+def import_task_cmd(
+    kind: Annotated[str, typer.Argument(help="nlvr2 | snli_ve | refcoco | gqa | karpathy")],
+    file: Annotated[
+        list[str], typer.Option("--file", help="an input file (repeatable; refcoco: refs, instances)")
+    ],
+    images: Annotated[str, typer.Option(help="the folder the examples' image paths are relative to")],
+    name: Annotated[
+        str | None, typer.Option(help="the task's name in the store (default: the dataset's)")
+    ] = None,
+    check_images: Annotated[bool, typer.Option(help="reject examples whose image file is missing")] = True,
+) -> None:
+    """Import a real downstream dataset from its files; bad records become rows of the rejects table."""
+    from vlp_core.data.formats import READERS
+
+    if kind not in READERS:  # one line, before any flow starts
+        raise UserError(f"unknown dataset kind {kind!r}; the kinds are: {', '.join(READERS)}")
+    for f in file:
+        if not Path(f).expanduser().is_file():
+            raise UserError(f"{kind}: input file {f} does not exist")
+    console.print(f"[cyan]{_choose_api()}")
+    from flows.build_tasks import import_task
+
+    result = import_task(kind=kind, files=list(file), images=images, name=name, check_images=check_images)
+    if result["skipped"]:
+        console.print(f"{result['task']}: already imported from these files (nothing to do)")
+    _print_rows(result["summary"], f"{result['task']}: examples per split")
+    _print_rows(result["rejects"], "rejects by reason", empty="no rejects")
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="server port on 127.0.0.1")] = 4200,

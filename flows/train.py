@@ -42,14 +42,15 @@ def launch_command(config_path: Path, nproc: int) -> list[str]:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def run_training(config: TrainConfig, nproc: int) -> dict[str, Any]:
-    """Run (or resume) the training child process; stream its output; return its RESULT summary."""
+def run_training(config: TrainConfig, nproc: int, eval_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) the training child process; stream its output; return its RESULT summary.
+    ``eval_only``: evaluate the run's latest checkpoint, or the initial model, without training."""
     logger = get_run_logger()
     run_dir = config.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     requested = run_dir / "requested_config.yaml"
     requested.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    cmd = launch_command(requested, nproc)
+    cmd = launch_command(requested, 1 if eval_only else nproc) + (["--eval-only"] if eval_only else [])
     logger.info("launch: %s", " ".join(cmd))
     env = {
         **os.environ,
@@ -110,7 +111,7 @@ def pretrain(
     runs torchrun DDP (gloo on CPU, NCCL on GPUs)."""
     preset = config or f"{method.replace('-', '_')}_tiny"
     cfg = load_train_config(preset, {**(overrides or {}), "method": method})
-    if cfg.task.kind != "pretrain":
+    if cfg.task.kind not in ("pretrain", "multitask"):
         raise ValueError(f"config {config!r} is a {cfg.task.kind!r} config; use the finetune flow")
     result = run_training(cfg, nproc)
     _publish("pretrain", cfg, result)
@@ -119,7 +120,14 @@ def pretrain(
 
 
 #: the preset of each fine-tuning task.
-FINETUNE_PRESETS = {"vqa": "vqa_easy", "retrieval": "retrieval_clipart"}
+FINETUNE_PRESETS = {
+    "vqa": "vqa_easy",
+    "retrieval": "retrieval_clipart",
+    "nlvr2": "nlvr2_scenes",
+    "snli_ve": "snli_ve_scenes",
+    "gqa": "gqa_scenes",
+    "refcoco": "refcoco_scenes",
+}
 
 
 @flow(name="finetune")
@@ -130,9 +138,12 @@ def finetune(
     init_from: str | None = None,
     overrides: dict[str, Any] | None = None,
     nproc: int = 1,
+    zero_shot: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune for ``task`` (``vqa`` | ``retrieval``) from a pre-trained run, then evaluate (easy-VQA /
-    VQA v2 accuracy, or retrieval R@1/5/10 on the held-out clip art).
+    """Fine-tune for ``task`` (``vqa`` | ``retrieval`` | ``nlvr2`` | ``snli_ve`` | ``gqa`` | ``refcoco``) from
+    a pre-trained run, then evaluate (easy-VQA / VQA v2 accuracy, retrieval R@1/5/10, accuracy per split).
+    ``config`` picks another preset of the task (e.g. ``retrieval_scenes``); ``zero_shot`` evaluates the
+    run as it is, without fine-tuning (retrieval).
 
     The run to start from: ``init_from`` (a run or checkpoint dir), else ``method``'s ``pretrain`` run
     (``{data}/runs/train/pretrain-<method>-run``), else the preset's. The backbone and the method are the
@@ -149,7 +160,9 @@ def finetune(
         raise ValueError(f"config {config!r} is a {cfg.task.kind!r} config, not {task!r}")
     if method is not None and cfg.method != method:
         raise ValueError(f"init_from {cfg.init_from} is a {cfg.method} run, not {method}")
-    result = run_training(cfg, nproc)
-    _publish("finetune", cfg, result)
+    if zero_shot:  # a run dir of its own: never a fine-tuned checkpoint of the same name
+        cfg = load_train_config(config or FINETUNE_PRESETS[task], {**extra, "name": f"{cfg.name}-zero-shot"})
+    result = run_training(cfg, nproc, eval_only=zero_shot)
+    _publish("zero-shot" if zero_shot else "finetune", cfg, result)
     get_run_logger().info("finetune %s done: %s", task, json.dumps(result.get("eval", {})))
     return result

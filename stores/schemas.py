@@ -187,6 +187,53 @@ GROUNDED_WORDS = pa.schema(
     metadata={"doc": "visually grounded words of every corpus sentence (VLMixer CMC candidates)"},
 )
 
+# --------------------------------------------------------------------------- downstream tasks
+
+TASK_EXAMPLES = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),  # dataset name: nlvr2, snli-ve, scene-pairs, ...
+        pa.field("split", pa.string(), nullable=False),  # the dataset's own split name
+        pa.field("example_id", pa.string(), nullable=False),  # unique within (task, split)
+        pa.field("images", pa.list_(pa.string()), nullable=False),  # relative to image_root
+        pa.field("image_root", pa.string(), nullable=False),  # a folder, or "store:task_images"
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("label", pa.string()),  # class label / answer; null where the shape has none
+        pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # candidates, pixels x1 y1 x2 y2
+        pa.field("target", pa.int32()),  # index of the referred box
+        pa.field("group", pa.string()),  # retrieval: the caption's image; referring: the ref id
+        pa.field("meta", pa.string()),  # JSON object of strings
+    ],
+    metadata={"doc": "downstream task examples in one shape (vlp_core.data.examples.TaskExample)"},
+)
+
+TASK_IMAGES = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("image", pa.string(), nullable=False),  # the name examples use (store:task_images)
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("png", pa.binary(), nullable=False),
+    ],
+    metadata={"doc": "images of the bundled (generated) tasks, committed with their examples"},
+)
+
+LEADERBOARD = pa.schema(
+    [
+        pa.field("method", pa.string(), nullable=False),  # a method, or none (no VL pre-training)
+        pa.field("pairs_mode", pa.string(), nullable=False),  # the pre-training pairs (retrieved, known, ...)
+        pa.field("seed", pa.int32(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),  # the benchmark's task name (nlvr2, retrieval-zs, ...)
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("headline", pa.bool_(), nullable=False),  # the task's headline metric
+        pa.field("run_id", pa.string(), nullable=False),  # the run directory's name under runs/bench/
+        pa.field("config_hash", pa.string(), nullable=False),  # hash of the run's resolved config
+        pa.field("budget", pa.string(), nullable=False),  # JSON: the stated budget of the benchmark
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+    metadata={"doc": "the method x task benchmark: one row per metric of a (method, seed, task)"},
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "texts": TEXTS,
@@ -201,6 +248,9 @@ TABLES: dict[str, pa.Schema] = {
     "patch_gallery": PATCH_GALLERY,
     "concepts": CONCEPTS,
     "grounded_words": GROUNDED_WORDS,
+    "task_examples": TASK_EXAMPLES,
+    "task_images": TASK_IMAGES,
+    "leaderboard": LEADERBOARD,
 }
 
 

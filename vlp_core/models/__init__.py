@@ -26,7 +26,14 @@ from vlp_core.models.backbones import (
 )
 from vlp_core.models.configs import config_from_dict
 from vlp_core.models.fusion import FusionConfig, FusionEncoder, SingleStreamEncoder, build_text_stack
-from vlp_core.models.heads import AnswerClassifier, mlp_head, vqa_loss, vqa_score
+from vlp_core.models.heads import (
+    AnswerClassifier,
+    BoxScorer,
+    FusedClassifier,
+    mlp_head,
+    vqa_loss,
+    vqa_score,
+)
 from vlp_core.models.layers import FeedForward, ModalityExperts, TransformerLayer
 from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
 from vlp_core.models.text import MLMHead, TextConfig, TextEncoder, pool_text, read_bert_checkpoint
@@ -41,6 +48,8 @@ from vlp_core.models.vision import (
 __all__ = [
     "BACKBONES",
     "AnswerClassifier",
+    "BoxScorer",
+    "FusedClassifier",
     "Backbone",
     "BackboneConfig",
     "CNNGridEncoder",

@@ -17,6 +17,8 @@ defines a config (a :class:`RecipeConfig` dataclass with presets), a :class:`Rec
 - ``vlmixer`` (:class:`VLMixer`, region_stream): cross-modal CutMix on text-only batches (MLM on the mixed
   sentence, CMCL between a sentence and its mixed view) and tag-aided visual pre-training on image-only
   batches.
+- ``unit`` (:class:`UniT`, unit): no corpus objective; trained jointly on a task mix by the ``multitask``
+  task.
 """
 
 from vlp_core.recipes.albef import ALBEF, ALBEFConfig
@@ -33,6 +35,7 @@ from vlp_core.recipes.base import (
 from vlp_core.recipes.flava import FLAVA, FLAVAConfig
 from vlp_core.recipes.mu_vla import MuVLA, MuVLAConfig
 from vlp_core.recipes.regions import RegionRecipe, UVisualBERT, UVisualBERTConfig
+from vlp_core.recipes.unit import UniT, UniTRecipeConfig
 from vlp_core.recipes.vlmixer import VLMixer, VLMixerConfig
 from vlp_core.recipes.vlmo import VLMo, VLMoConfig
 
@@ -50,6 +53,8 @@ __all__ = [
     "Stage",
     "UVisualBERT",
     "UVisualBERTConfig",
+    "UniT",
+    "UniTRecipeConfig",
     "VLMixer",
     "VLMixerConfig",
     "VLMo",

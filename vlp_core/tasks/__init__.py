@@ -7,6 +7,11 @@ env) -> TrainSpec``. Known kinds:
   art.
 - ``retrieval``: fine-tune a run with exactly the retrieval losses named; retrieval on the held-out clip art.
 - ``vqa``: answer classification on any backbone (easy-VQA or VQA v2); VQA accuracy.
+- ``nlvr2``, ``snli_ve``, ``gqa``, ``refcoco``: the downstream tasks over the store's ``task_examples``
+  (bundled scene tasks, or real datasets imported from their files); accuracy per split
+  (:mod:`vlp_core.tasks.downstream`).
+- ``multitask``: one backbone trained jointly on several of the tasks above, a task per step drawn with
+  sampling ratios (UniT).
 
 Adding a task means a module here with a config, a build function and a ``register_task`` call, imported
 below; the trainer does not change.
@@ -20,12 +25,20 @@ from vlp_core.tasks.base import (
     register_task,
     task_config,
 )
+from vlp_core.tasks.downstream import GQATask, NLVR2Task, RefTask, SNLIVETask
+from vlp_core.tasks.multitask import MultiTask, MultiTaskModel
 from vlp_core.tasks.pretrain import PretrainTask, heldout_retrieval_data
 from vlp_core.tasks.retrieval import RetrievalTask
 from vlp_core.tasks.vqa import VQATask
 
 __all__ = [
     "TASKS",
+    "GQATask",
+    "MultiTask",
+    "MultiTaskModel",
+    "NLVR2Task",
+    "RefTask",
+    "SNLIVETask",
     "PretrainTask",
     "RetrievalTask",
     "TaskConfig",

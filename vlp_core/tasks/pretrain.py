@@ -41,7 +41,13 @@ from vlp_core.recipes import Recipe, build_recipe
 from vlp_core.tasks.base import TaskConfig, fit_region_stats_, register_task, resolve_init
 from vlp_core.train.spec import Stream, TrainSpec
 
-__all__ = ["PretrainTask", "heldout_retrieval_data", "pair_stream", "retrieval_eval"]
+__all__ = [
+    "PretrainTask",
+    "heldout_retrieval_data",
+    "pair_stream",
+    "retrieval_eval",
+    "score_retrieval",
+]
 
 
 class PretrainTask(TaskConfig):
@@ -105,29 +111,39 @@ def retrieval_eval(
             transform = eval_transform(model.image_size, model.image_mean, model.image_std)
             dataset = PairDataset(store, index, transform, seed=0)
             images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-        enc = tokenizer(
-            texts["text"].to_pylist(),
-            padding=True,
-            truncation=True,
-            max_length=config.data.max_len,
-            return_tensors="pt",
-        )
-        itm_k = config.eval.itm_rerank_k if model.has_match_head else 0
-        all_pairs = getattr(model, "scores_all_pairs", False)
-        if model.has_match_head and all_pairs and len(index) * texts.num_rows <= config.eval.all_pairs_max:
-            itm_k = texts.num_rows  # every candidate of every query
-        with torch.no_grad():
-            return evaluate_retrieval(
-                model,
-                images if torch.is_tensor(images) else (lambda: images.split(config.eval.batch_size)),
-                (enc["input_ids"], enc["attention_mask"]),
-                data,
-                device=device,
-                batch_size=config.eval.batch_size,
-                itm_k=itm_k,
-            )
+        return score_retrieval(model, config, tokenizer, images, texts["text"].to_pylist(), data, device)
 
     return evaluate
+
+
+def score_retrieval(
+    model: nn.Module,
+    config: Any,
+    tokenizer: Any,
+    images: Any,
+    texts: list[str],
+    data: RetrievalSet,
+    device: torch.device,
+) -> dict[str, float]:
+    """Retrieval recalls of ``model`` over ``images`` (pixels ``(n, 3, S, S)`` or :class:`RegionInputs`) and
+    ``texts``: ITC ranking, then ITM re-ranking of the top ``eval.itm_rerank_k`` where the model has a match
+    head (single-stream models score every pair up to ``eval.all_pairs_max``)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=config.data.max_len, return_tensors="pt")
+    itm_k = config.eval.itm_rerank_k if model.has_match_head else 0
+    all_pairs = getattr(model, "scores_all_pairs", False)
+    n_images = data.positives.shape[0]
+    if model.has_match_head and all_pairs and n_images * len(texts) <= config.eval.all_pairs_max:
+        itm_k = len(texts)  # every candidate of every query
+    with torch.no_grad():
+        return evaluate_retrieval(
+            model,
+            images if torch.is_tensor(images) else (lambda: images.split(config.eval.batch_size)),
+            (enc["input_ids"], enc["attention_mask"]),
+            data,
+            device=device,
+            batch_size=config.eval.batch_size,
+            itm_k=itm_k,
+        )
 
 
 def region_config(config: Any) -> RegionConfig:

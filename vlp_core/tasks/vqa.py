@@ -120,16 +120,20 @@ def _in_store(task: VQATask, store: ShardStore, split: str, region: bool) -> tup
     return records, loader, ids
 
 
-def _build(config: Any, env: Any) -> TrainSpec:
+def _build(config: Any, env: Any, backbone: nn.Module | None = None) -> TrainSpec:
+    """The VQA spec; ``backbone``: use this one (e.g. shared by a multitask model) instead of building it
+    and loading ``init_from``."""
     task: VQATask = config.task
     store = ShardStore(config.layout().store)
-    backbone = build_backbone(config.backbone_config())
+    given = backbone is not None
+    backbone = backbone if given else build_backbone(config.backbone_config())
+    backbone.use_task(task.kind)
     region = backbone.image_input_kind == "regions"
     train_records, loader, train_ids = _in_store(task, store, "train", region)
     vocab = AnswerVocab.build(train_records, top_k=task.top_answers)
     if config.data.limit is not None:
         train_records, train_ids = train_records[: config.data.limit], train_ids[: config.data.limit]
-    init = resolve_init(config)
+    init = None if given else resolve_init(config)
     if init is not None:
         load_backbone_weights_(backbone, init)
     fitted = fit_region_stats_(backbone, store, train_ids) if region else {}

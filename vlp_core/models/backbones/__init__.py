@@ -15,6 +15,8 @@ Known kinds:
   over ``[CLS_M; image; text]`` (FLAVA).
 - ``region_stream`` (:class:`RegionStreamBackbone`): one BERT stack over ``[CLS] words [SEP] regions`` with
   the corpus's region features, tags carrying their region's box (µ-VLA, U-VisualBERT, VLMixer).
+- ``unit`` (:class:`UniTBackbone`): image encoder, text encoder and one decoder shared by every task, with
+  per-task queries (UniT).
 """
 
 from vlp_core.models.backbones.base import (
@@ -35,6 +37,7 @@ from vlp_core.models.backbones.region_stream import (
     RegionStreamBackbone,
     RegionStreamConfig,
 )
+from vlp_core.models.backbones.unit import UniTBackbone, UniTConfig
 
 __all__ = [
     "BACKBONES",
@@ -51,6 +54,8 @@ __all__ = [
     "RegionInputs",
     "RegionStreamBackbone",
     "RegionStreamConfig",
+    "UniTBackbone",
+    "UniTConfig",
     "backbone_config",
     "build_backbone",
     "register_backbone",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,9 @@ class Backbone(nn.Module):
     #: what the image side reads: ``"pixels"`` (transformed images) or ``"regions"`` (the corpus's region
     #: features and boxes, :class:`~vlp_core.models.backbones.region_stream.RegionInputs`).
     image_input_kind: ClassVar[str] = "pixels"
+    #: whether :meth:`encode_pair` returns image states conditioned on the text (``PairFeatures.image``, of
+    #: width :attr:`width`): single-stream fusion does, cross-attention fusion of text over image does not.
+    fused_image_states: ClassVar[bool] = True
 
     # -- the interface
     def encode_image(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None) -> ImageFeatures:
@@ -65,6 +69,15 @@ class Backbone(nn.Module):
     ) -> PairFeatures:
         """Fused features straight from raw inputs (VQA, NLVR2): the cheapest path of the backbone."""
         return self.encode_pair(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    # -- the task (backbones with task-specific parts, e.g. UniT's per-task queries)
+    def use_task(self, task: str) -> None:
+        """Select the task-specific parts for ``task`` (a no-op for backbones without any)."""
+
+    @contextmanager
+    def task_context(self, task: str) -> Iterator[None]:
+        """Run with ``task``'s parts inside the block (a multitask model, per batch)."""
+        yield
 
     # -- what data, optimiser and DDP need to know
     def image_input(self) -> nn.Module:

@@ -66,6 +66,8 @@ class DualStreamBackbone(Backbone):
         init_report: parameter names per part that did not come from a checkpoint, for the run log.
     """
 
+    fused_image_states: ClassVar[bool] = False  # the fusion's queries are the text tokens
+
     def __init__(self, config: DualStreamConfig) -> None:
         super().__init__()
         self.config = config

@@ -1,0 +1,304 @@
+"""The ``benchmark`` flow (deployment ``benchmark/methods``): pre-train each method, fine-tune it on each
+task, for each seed, at one stated budget, and write every result into the ``leaderboard`` table.
+
+A *chain* is one (method, pairs mode, seed): its pre-training run, then one run per task started from it.
+Every run is keyed by its resolved config (``runs/bench/<what>-<hash>``), and every (method, pairs mode, seed,
+task) cell is committed to the store with the hash of its config, so a re-run at the same budget fills in only
+the missing cells, and a killed benchmark resumes (an interrupted run resumes from its last checkpoint).
+
+Methods: ``none`` (no vision-language pre-training: the ALBEF backbone's encoders as they come, fine-tuned
+the same way), any pre-training method with pixel inputs, and ``unit`` (UniT: one multitask run over the
+classification-shaped tasks, at the same number of steps per task as a single-task run, evaluated per task).
+Tasks (:data:`BENCH_TASKS`): easy-VQA and the bundled scene tasks, retrieval fine-tuned and zero-shot, and the
+pre-training run's own zero-shot retrieval on the held-out clip art.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.train import run_training
+from stores.catalog import build_catalog
+from stores.schemas import schema_of
+from stores.shards import ShardStore, stable_hash
+from vlp_core.paths import DataLayout
+from vlp_core.train.config import TrainConfig, load_train_config
+
+__all__ = ["BENCH_TASKS", "benchmark"]
+
+STAGE, SOURCE = "bench", "leaderboard"
+
+
+def _retrieval_headline(metrics: dict[str, float]) -> str:
+    """Mean recall (R@1/5/10 both ways) after ITM re-ranking where the model re-ranks, else of ITC."""
+    for name in sorted(metrics):
+        if name.endswith("itm_mean_r"):
+            return name
+    return next(n for n in sorted(metrics) if n.endswith("itc_mean_r"))
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """A benchmark task: the train task kind, its preset, whether it is evaluated without fine-tuning, and
+    its headline metric (a name, or a function of the metrics)."""
+
+    kind: str
+    preset: str
+    headline: str | Callable[[dict[str, float]], str]
+    zero_shot: bool = False
+
+    def headline_of(self, metrics: dict[str, float]) -> str:
+        return self.headline if isinstance(self.headline, str) else self.headline(metrics)
+
+
+BENCH_TASKS: dict[str, BenchTask] = {
+    "vqa": BenchTask("vqa", "vqa_easy", "vqa_accuracy"),
+    "nlvr2": BenchTask("nlvr2", "nlvr2_scenes", "accuracy"),
+    "snli_ve": BenchTask("snli_ve", "snli_ve_scenes", "accuracy"),
+    "gqa": BenchTask("gqa", "gqa_scenes", "accuracy"),
+    "refcoco": BenchTask("refcoco", "refcoco_scenes", "accuracy"),
+    "retrieval": BenchTask("retrieval", "retrieval_scenes", _retrieval_headline),
+    "retrieval-zs": BenchTask("retrieval", "retrieval_scenes", _retrieval_headline, zero_shot=True),
+    "clipart-zs": BenchTask("pretrain", "", _retrieval_headline, zero_shot=True),
+}
+#: tasks a UniT multitask run covers (its heads): the classification-shaped ones.
+UNIT_TASKS = ("vqa", "nlvr2", "snli_ve", "gqa", "refcoco")
+
+
+def _hash(cfg: TrainConfig) -> str:
+    d = cfg.model_dump(mode="json")
+    for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):
+        d.pop(k, None)
+    return stable_hash(d)
+
+
+def _config(preset: str, overrides: dict[str, Any], runs: Path, what: str) -> tuple[TrainConfig, str]:
+    """A run's config keyed by its hash: ``runs/<what>-<hash[:12]>``."""
+    cfg = load_train_config(preset, overrides)
+    h = _hash(cfg)
+    run_dir = runs / f"{what}-{h[:12]}"
+    return load_train_config(preset, {**overrides, "run_dir": str(run_dir), "name": run_dir.name}), h
+
+
+@dataclass
+class Cell:
+    method: str
+    pairs_mode: str
+    seed: int
+    task: str
+    config: TrainConfig
+    config_hash: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}|{self.pairs_mode}|{self.seed}|{self.task}"
+
+
+@dataclass
+class Chain:
+    """One (method, pairs mode, seed): the run every cell starts from (``None``: no pre-training) and the
+    cells."""
+
+    pretrain: TrainConfig | None
+    cells: list[Cell]
+
+
+def plan_chains(
+    methods: list[str],
+    seeds: list[int],
+    tasks: list[str],
+    budget: dict[str, int],
+    pairs_mode: str,
+    runs: Path,
+) -> list[Chain]:
+    """Every chain's configs at ``budget`` (``pretrain_steps``, ``finetune_steps``, ``batch_size``)."""
+    unknown = sorted(set(tasks) - set(BENCH_TASKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark tasks {unknown}; known: {sorted(BENCH_TASKS)}")
+    common = {"batch_size": budget["batch_size"], "log_every": 10, "checkpoint_every": 50}
+    chains = []
+    for method in methods:
+        for seed in seeds:
+            cells: list[Cell] = []
+            if method == "unit":
+                mix = [t for t in tasks if t in UNIT_TASKS]
+                if not mix:
+                    continue
+                base = load_train_config("unit_tiny")
+                over = {
+                    **common, "seed": seed, "max_steps": budget["finetune_steps"] * len(mix),
+                    "task.tasks": {t: base.task.tasks.get(t, {}) for t in mix},
+                    "task.ratios": {t: 1.0 for t in mix},
+                }  # fmt: skip
+                cfg, h = _config("unit_tiny", over, runs, f"unit-s{seed}")
+                cells = [Cell(method, "-", seed, t, cfg, h) for t in mix]
+                chains.append(Chain(None, cells))
+                continue
+            pre, init = None, None
+            mode = "-" if method == "none" else pairs_mode
+            train_method = "albef" if method == "none" else method
+            if method != "none":
+                pre, _ = _config(
+                    f"{method.replace('-', '_')}_tiny",
+                    {
+                        **common,
+                        "seed": seed,
+                        "max_steps": budget["pretrain_steps"],
+                        "data.pairs.mode": pairs_mode,
+                    },  # fmt: skip
+                    runs,
+                    f"pretrain-{method}-{pairs_mode}-s{seed}",
+                )
+                init = str(pre.resolved_run_dir())
+            for t in tasks:
+                bt = BENCH_TASKS[t]
+                if bt.kind == "pretrain":
+                    if pre is None:
+                        cfg, h = _config(
+                            "albef_tiny", {**common, "seed": seed}, runs, f"none-clipart-s{seed}"
+                        )
+                    else:
+                        cfg, h = pre, _hash(pre)
+                    cells.append(Cell(method, mode, seed, t, cfg, h))
+                    continue
+                over = {**common, "seed": seed, "init_from": init, "method": train_method}
+                if not bt.zero_shot:
+                    over["max_steps"] = budget["finetune_steps"]
+                cfg, h = _config(bt.preset, over, runs, f"{t}-{method}-{mode}-s{seed}")
+                cells.append(Cell(method, mode, seed, t, cfg, h))
+            chains.append(Chain(pre, cells))
+    return chains
+
+
+def _rows(cell: Cell, metrics: dict[str, float], budget: dict[str, int]) -> pa.Table:
+    bt = BENCH_TASKS[cell.task]
+    prefix = f"{cell.task}/" if cell.method == "unit" else ""
+    metrics = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    headline = bt.headline_of(metrics)
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "method": cell.method,
+            "pairs_mode": cell.pairs_mode,
+            "seed": cell.seed,
+            "task": cell.task,
+            "metric": k,
+            "value": float(v),
+            "headline": k == headline,
+            "run_id": cell.config.resolved_run_dir().name,
+            "config_hash": cell.config_hash,
+            "budget": json.dumps(budget, sort_keys=True),
+            "finished_at": now,
+        }  # fmt: skip
+        for k, v in sorted(metrics.items())
+        if isinstance(v, int | float)
+    ]
+    return pa.Table.from_pylist(rows, schema=schema_of("leaderboard"))
+
+
+def _commit(store: ShardStore, cell: Cell, shard: str, table: pa.Table) -> None:
+    store.commit(STAGE, SOURCE, shard, "v1", [(cell.key, cell.config_hash)], {"leaderboard": table})
+
+
+def _result(cfg: TrainConfig, zero_shot: bool) -> dict[str, Any]:
+    """A finished run's evaluation (``result.json`` in its run dir), else run it (resuming) now."""
+    done = cfg.resolved_run_dir() / "bench_result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    result = run_training.fn(cfg, 1, eval_only=zero_shot)
+    done.write_text(json.dumps(result))
+    return result
+
+
+@task(name="bench-chain", cache_policy=NO_CACHE)
+def run_chain(store_root: str, chain: Chain, todo: dict[str, str], budget: dict[str, int]) -> list[str]:
+    """Run a chain's missing cells (``todo``: cell key -> shard), pre-training first where a cell needs it."""
+    log = get_run_logger()
+    store = ShardStore(store_root)
+    done = []
+    if chain.pretrain is not None:
+        log.info("pre-training %s", chain.pretrain.resolved_run_dir().name)
+        pre = _result(chain.pretrain, zero_shot=False)
+    for cell in chain.cells:
+        if cell.key not in todo:
+            continue
+        bt = BENCH_TASKS[cell.task]
+        if bt.kind == "pretrain" and chain.pretrain is not None:
+            metrics = pre["eval"]
+        else:
+            log.info("%s: %s", cell.key, cell.config.resolved_run_dir().name)
+            zero_shot = bt.zero_shot and cell.method != "unit"
+            metrics = _result(cell.config, zero_shot=zero_shot)["eval"]
+        _commit(store, cell, todo[cell.key], _rows(cell, metrics, budget))
+        done.append(cell.key)
+        log.info("%s done: %s", cell.key, BENCH_TASKS[cell.task].headline_of(metrics))
+    return done
+
+
+@flow(name="run-chains")
+def run_chains(
+    store_root: str, chains: list[Chain], todo: dict[str, str], budget: dict[str, int]
+) -> list[str]:
+    """The chains, as many at once as the task runner's workers."""
+    futures = [run_chain.submit(store_root, ch, todo, budget) for ch in chains]
+    return [k for f in futures for k in f.result()]
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark(
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    tasks: list[str] | None = None,
+    pretrain_steps: int = 100,
+    finetune_steps: int = 60,
+    batch_size: int = 16,
+    pairs_mode: str = "retrieved",
+    parallel: int = 2,
+    threads: int = 1,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """The method x task leaderboard at one budget; see the module docstring. Returns the summary rows and
+    the paths of the HTML page and the chart."""
+    from flows.leaderboard import render
+
+    log = get_run_logger()
+    layout = DataLayout(Path(data_dir).expanduser().resolve()) if data_dir else DataLayout.default()
+    methods = methods or ["none", "albef", "vlmo", "flava", "unit"]
+    seeds = seeds if seeds is not None else [0, 1, 2]
+    tasks = tasks or list(BENCH_TASKS)
+    budget = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "batch_size": batch_size}
+    store = ShardStore(layout.store)
+    store.ensure_tables()
+    store.collect_garbage()
+    chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout.runs / "bench")
+    units = [(c.key, c.config_hash) for ch in chains for c in ch.cells]
+    plan = store.plan(STAGE, SOURCE, units, "v1", shard_size=1)
+    todo = {u[0][0]: shard for shard, u in plan.todo}
+    log.info(
+        "benchmark at %s: %d cells, %d committed, %d to run (%d chains)", budget, len(units),
+        len(units) - len(todo), len(todo), sum(any(c.key in todo for c in ch.cells) for ch in chains),
+    )  # fmt: skip
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # each training child process
+    pending = [ch for ch in chains if any(c.key in todo for c in ch.cells)]
+    runner = ThreadPoolTaskRunner(max_workers=max(1, parallel))
+    finished = run_chains.with_options(task_runner=runner)(str(layout.store), pending, todo, budget)
+    build_catalog(layout.catalog, layout.store)
+    page, chart, summary = render(layout)
+    create_markdown_artifact(
+        key="leaderboard",
+        markdown=summary,
+        description=f"method x task leaderboard ({len(finished)} cells run now); page {page}, chart {chart}",
+    )
+    return {"ran": finished, "page": str(page), "chart": str(chart), "budget": budget}
