@@ -79,7 +79,7 @@ UNIT_TASKS = ("vqa", "nlvr2", "snli_ve", "gqa", "refcoco")
 
 def _hash(cfg: TrainConfig) -> str:
     d = cfg.model_dump(mode="json")
-    for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):
+    for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):  # where, not what
         d.pop(k, None)
     return stable_hash(d)
 
@@ -121,13 +121,18 @@ def plan_chains(
     tasks: list[str],
     budget: dict[str, int],
     pairs_mode: str,
-    runs: Path,
+    layout: DataLayout,
 ) -> list[Chain]:
-    """Every chain's configs at ``budget`` (``pretrain_steps``, ``finetune_steps``, ``batch_size``)."""
+    """Every chain's configs at ``budget`` (``pretrain_steps``, ``finetune_steps``, ``batch_size``), on the
+    data of ``layout``, with run dirs under ``runs/bench``."""
+    runs = layout.runs / "bench"
     unknown = sorted(set(tasks) - set(BENCH_TASKS))
     if unknown:
         raise ValueError(f"unknown benchmark tasks {unknown}; known: {sorted(BENCH_TASKS)}")
-    common = {"batch_size": budget["batch_size"], "log_every": 10, "checkpoint_every": 50}
+    common = {
+        "batch_size": budget["batch_size"], "log_every": 10, "checkpoint_every": 50,
+        "data_dir": str(layout.root),
+    }  # fmt: skip
     chains = []
     for method in methods:
         for seed in seeds:
@@ -282,7 +287,7 @@ def benchmark(
     store = ShardStore(layout.store)
     store.ensure_tables()
     store.collect_garbage()
-    chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout.runs / "bench")
+    chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout)
     units = [(c.key, c.config_hash) for ch in chains for c in ch.cells]
     plan = store.plan(STAGE, SOURCE, units, "v1", shard_size=1)
     todo = {u[0][0]: shard for shard, u in plan.todo}

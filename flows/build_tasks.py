@@ -42,9 +42,17 @@ def _summary(layout: DataLayout, tasks: list[str]) -> list[dict[str, Any]]:
 
 @task(name="scene-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def scene_shard(
-    store_root: str, name: str, shard: str, units: list[tuple[str, str]], signature: str, seed: int
+    store_root: str,
+    name: str,
+    shard: str,
+    units: list[tuple[str, str]],
+    signature: str,
+    seed: int,
+    clipart_root: str,
 ) -> dict[str, int]:
-    return task_build.build_scene_shard(ShardStore(store_root), name, shard, units, signature, seed)
+    return task_build.build_scene_shard(
+        ShardStore(store_root), name, shard, units, signature, seed, clipart_root=clipart_root
+    )
 
 
 @flow(name="build-tasks", log_prints=True)
@@ -84,7 +92,7 @@ def build_tasks(
         log.info("%s: %s; %d shards to build, %d committed", name, want, len(todo), done)
         futures = [
             scene_shard.with_options(task_run_name=f"{name}-{shard[:8]}").submit(
-                str(layout.store), name, shard, units, signature, seed
+                str(layout.store), name, shard, units, signature, seed, str(layout.openclipart / "png")
             )
             for shard, units in todo
         ]

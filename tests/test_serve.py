@@ -20,7 +20,11 @@ def test_deployment_run_through_cli_completes(prefect_stack, real):
     prefect = [sys.executable, "-m", "prefect"]
     ls = _run(*prefect, "deployment", "ls")
     assert ls.returncode == 0, ls.stderr
-    for name in ("build-corpus/nightly", "build-corpus/default", "build-corpus/smoke"):
+    for name in (
+        "build-corpus/nightly", "build-corpus/default", "build-corpus/smoke", "build-tasks/bundled",
+        "import-task/import", "benchmark/methods", "pretrain/unit", "finetune/nlvr2", "finetune/snli-ve",
+        "finetune/gqa", "finetune/refcoco", "finetune/retrieval-scenes",
+    ):  # fmt: skip
         assert name in ls.stdout
 
     nightly = _run(*prefect, "deployment", "inspect", "build-corpus/nightly")

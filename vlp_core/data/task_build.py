@@ -173,15 +173,17 @@ def build_scene_shard(
     units: list[tuple[str, str]],
     signature: str,
     seed: int,
+    clipart_root: str | Path | None = None,
 ) -> dict[str, int]:
-    """Generate and commit one shard of a bundled task: its examples and their scene images."""
+    """Generate and commit one shard of a bundled task: its examples and their scene images
+    (``clipart_root``: the Open Clip Art ``png`` folder, default the data directory's)."""
     from vlp_core.data import scenes
 
     t0 = time.time()
     rows, images = [], {}
     for key, _ in units:
         split, _, i = key.partition("/")
-        exs, ims = scenes.generate(task, split, int(i), seed)
+        exs, ims = scenes.generate(task, split, int(i), seed, clipart_root=clipart_root)
         rows.extend({**e.row(), "image_root": STORE_IMAGES} for e in exs)
         images.update(ims)
     image_rows = []

@@ -171,6 +171,10 @@ class ExampleDataset(Dataset):
     "boxes": (K, 4) float32 normalised to [0, 1], "target": int (-1 when none), "index": int,
     "sample_seed": int}``; ``transform`` runs under the per-sample seed (as in
     :class:`~vlp_core.data.pairs.PairDataset`), each image of a pair with its own seed.
+
+    ``blind``: ``"text"`` replaces every image by a uniform grey one of the same size (only the text
+    informs the model), ``"image"`` every text by the empty string (only the image does); the
+    single-modality baselines that show a task needs both.
     """
 
     def __init__(
@@ -181,7 +185,11 @@ class ExampleDataset(Dataset):
         transform: Callable[[Any], torch.Tensor],
         labels: LabelVocab | None = None,
         seed: int = 0,
+        blind: str = "none",
     ):
+        if blind not in ("none", "text", "image"):
+            raise ValueError(f"blind must be none, text or image, got {blind!r}")
+        self.blind = blind
         if len(examples) != len(roots):
             raise ValueError(f"{len(examples)} examples but {len(roots)} image roots")
         self.examples, self.roots = examples, roots
@@ -192,6 +200,8 @@ class ExampleDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        from PIL import Image
+
         epoch, index = key if isinstance(key, tuple) else (0, key)
         ex, root = self.examples[int(index)], self.roots[int(index)]
         seed = sample_seed(self.seed, epoch, int(index))
@@ -202,6 +212,8 @@ class ExampleDataset(Dataset):
             except Exception as exc:
                 raise RuntimeError(f"{ex.task} {ex.split} {ex.example_id}: image {name!r}: {exc}") from exc
             size = size or image.size
+            if self.blind == "text":
+                image = Image.new("RGB", image.size, (128, 128, 128))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 7919 * j)
                 pixels.append(self.transform(image))
@@ -212,7 +224,7 @@ class ExampleDataset(Dataset):
             boxes = boxes.clamp_(0.0, 1.0)
         return {
             "pixel_values": torch.stack(pixels),
-            "text": ex.text,
+            "text": "" if self.blind == "image" else ex.text,
             "label": self.labels.index(ex.label) if self.labels is not None else -1,
             "boxes": boxes,
             "target": -1 if ex.target is None else int(ex.target),

@@ -57,6 +57,11 @@ class ExampleTask(TaskConfig):
     )
     head_hidden: int | None = Field(None, description="MLP head width (default 2x the fused width)")
     head_dropout: float = Field(0.0, ge=0, lt=1)
+    blind: Literal["none", "text", "image"] = Field(
+        "none",
+        description="single-modality baselines, in training and evaluation alike: text = every image "
+        "replaced by a uniform grey one (a text-only model), image = every text empty (an image-only one)",
+    )
 
 
 class NLVR2Task(ExampleTask):
@@ -74,7 +79,7 @@ class GQATask(ExampleTask):
     dataset: str = "scene-qa"
     top_answers: int = Field(1842, gt=1, description="answer vocabulary: the most frequent training answers")
     breakdown: list[str] = Field(
-        default_factory=lambda: ["type", "structural"],
+        default_factory=lambda: ["qtype", "structural"],
         description="meta fields to report accuracy per value of (question types)",
     )
 
@@ -143,7 +148,7 @@ def _build_examples(
             if task.eval_examples is not None:
                 ex, roots = ex[: task.eval_examples], roots[: task.eval_examples]
             loader = torch.utils.data.DataLoader(
-                ExampleDataset(ex, roots, images, test_tf, vocab),
+                ExampleDataset(ex, roots, images, test_tf, vocab, blind=task.blind),
                 batch_size=config.eval.batch_size,
                 collate_fn=collate,
                 num_workers=config.data.num_workers,
@@ -166,7 +171,9 @@ def _build_examples(
         out["accuracy"] = correct_all / max(1, n_all)
         return out
 
-    train_set = ExampleDataset(train_ex, train_roots, images, train_tf, vocab, seed=config.seed)
+    train_set = ExampleDataset(
+        train_ex, train_roots, images, train_tf, vocab, seed=config.seed, blind=task.blind
+    )
     info = {
         "dataset": task.dataset,
         "train_examples": len(train_ex),

@@ -1,0 +1,166 @@
+"""Downstream tasks end to end on the small real corpus: the bundled scene tasks built by ``build-tasks``
+(labels, chance, single-modality baselines), ``finetune/<task>`` of every task from an ALBEF run through the
+session's server and worker (submitted together, awaited together), zero-shot retrieval, ``pretrain/unit``
+(UniT's multitask run, evaluated per task) and the ``benchmark`` flow filling only missing cells."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from stores.catalog import build_catalog, connect
+from stores.shards import ShardStore
+from vlp_core.paths import REPO_ROOT, DataLayout
+
+TINY = {
+    "batch_size": 4, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "data.num_workers": 0,
+    "eval.batch_size": 16,
+}  # fmt: skip
+#: (deployment, its parameters beyond the overrides, the run dir name, a key its eval.json must have)
+DEPLOYMENTS = [
+    ("finetune/nlvr2", {}, "nlvr2-albef-scene-pairs", "accuracy_test"),
+    ("finetune/snli-ve", {}, "snli_ve-albef-scene-entailment", "accuracy_test"),
+    ("finetune/gqa", {}, "gqa-albef-scene-qa", "accuracy_test_qtype_count"),
+    ("finetune/refcoco", {}, "refcoco-albef-scene-refs", "accuracy_testB"),
+    ("finetune/retrieval-scenes", {}, "retrieval-albef-scene-captions", "test_itm_t2i_r1"),
+    ("finetune/retrieval-scenes", {"zero_shot": True}, "retrieval-albef-scene-captions-zero-shot",
+     "test_itc_mean_r"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tasks_corpus(prefect_stack, train_corpus) -> DataLayout:
+    """The training corpus plus the bundled scene tasks at 1 % of their default sizes."""
+    from flows.build_tasks import build_tasks
+
+    out = build_tasks(scale=0.01, data_dir=str(train_corpus.root))
+    assert set(out["built"]) == {
+        "scene-pairs",
+        "scene-entailment",
+        "scene-refs",
+        "scene-qa",
+        "scene-captions",
+    }
+    return train_corpus
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {**os.environ, "VLP_DATA_DIR": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_bundled_tasks_are_in_the_catalog_with_chance_levels(tasks_corpus):
+    layout = tasks_corpus
+    build_catalog(layout.catalog, layout.store)
+    with connect(layout.catalog) as db:
+        rows = db.execute("SELECT task, split, examples, labels, chance FROM task_summary").fetchall()
+        images = db.execute("SELECT task, count(*), min(png_bytes) FROM task_images GROUP BY 1").fetchall()
+    summary = {(t, s): (n, lab, c) for t, s, n, lab, c in rows}
+    assert summary[("scene-pairs", "train")][1] == 2 and summary[("scene-entailment", "test")][1] >= 2
+    assert {s for t, s in summary if t == "scene-refs"} == {"train", "val", "testA", "testB"}
+    assert 0.2 < summary[("scene-refs", "testA")][2] <= 1 / 3 + 1e-6  # 3-4 candidates
+    assert {t for t, *_ in images} == {t for t, _ in summary} and all(m > 100 for *_, m in images)
+
+
+def _submit(name: str, params: dict) -> UUID:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=params, timeout=0)
+    return run.id
+
+
+async def _wait(ids: list[UUID], timeout: float = 900) -> dict[UUID, str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for _ in range(int(timeout)):
+            runs = [await client.read_flow_run(i) for i in ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                return {r.id: r.state.type.value for r in runs}
+            await asyncio.sleep(1)
+    raise TimeoutError(f"flow runs {ids} did not finish in {timeout}s")
+
+
+def test_finetune_deployment_of_every_task_from_an_albef_run(tasks_corpus):
+    root = tasks_corpus.root
+    pre = root / "runs" / "train" / "pretrain-albef-tasks"
+    cmd = [
+        sys.executable, "-m", "vlp_core.train", "--config", "albef_tiny", "--set", f"run_dir={pre}",
+        "--set", "max_steps=2", "--set", "batch_size=4", "--set", "data.num_workers=0",
+        "--set", "eval.retrieval_images=8", "--set", "recipe.queue_size=32",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ids = []
+    for name, extra, _, _ in DEPLOYMENTS:
+        params = {"init_from": str(pre), "overrides": {**TINY, "data_dir": str(root)}, **extra}
+        ids.append(_submit(name, params))
+    states = asyncio.run(_wait(ids))
+    assert all(s == "COMPLETED" for s in states.values()), states
+    for name, _, run_name, key in DEPLOYMENTS:
+        ev = json.loads((root / "runs" / "train" / run_name / "eval.json").read_text())
+        assert key in ev and all(0.0 <= v <= 1.0 for k, v in ev.items() if "accuracy" in k or "_r" in k), name
+        saved = (root / "runs" / "train" / run_name / "config.yaml").read_text()
+        assert str(pre) in saved and "method: albef" in saved
+
+
+def test_single_modality_baselines_see_one_modality(tasks_corpus):
+    """``task.blind``: text-only replaces images by grey, image-only empties the text; both train."""
+    from vlp_core.tasks import build_spec
+    from vlp_core.train.config import load_train_config
+    from vlp_core.train.trainer import init_distributed
+
+    env = init_distributed("cpu")
+    for blind in ("text", "image"):
+        cfg = load_train_config("snli_ve_scenes", {"init_from": None, "data_dir": str(tasks_corpus.root),
+                                                   "task.blind": blind})  # fmt: skip
+        spec = build_spec(cfg, env)
+        sample = spec.streams["pair"].dataset[0]
+        if blind == "text":
+            assert sample["pixel_values"].std() == 0 and sample["text"]
+        else:
+            assert sample["pixel_values"].std() > 0 and sample["text"] == ""
+
+
+def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(tasks_corpus):
+    root = tasks_corpus.root
+    over = {**TINY, "max_steps": 6, "checkpoint_every": 6, "data_dir": str(root),
+            "task.tasks.vqa.eval_questions": 8}  # fmt: skip
+    ids = [_submit("pretrain/unit", {"overrides": over})]
+    assert asyncio.run(_wait(ids)) == {ids[0]: "COMPLETED"}
+    run = root / "runs" / "train" / "multitask-unit-run"
+    ev = json.loads((run / "eval.json").read_text())
+    assert {
+        "vqa/vqa_accuracy",
+        "nlvr2/accuracy",
+        "snli_ve/accuracy",
+        "gqa/accuracy",
+        "refcoco/accuracy",
+    } <= set(ev)
+    kinds = {json.loads(line).get("kind") for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert len(kinds) >= 2  # the steps drew several tasks
+
+    from flows.benchmark import benchmark
+
+    params = {"methods": ["none", "unit"], "seeds": [0], "tasks": ["snli_ve", "clipart-zs"],
+              "pretrain_steps": 2, "finetune_steps": 2, "batch_size": 4, "data_dir": str(root)}  # fmt: skip
+    first = benchmark(**params)
+    assert sorted(first["ran"]) == ["none|-|0|clipart-zs", "none|-|0|snli_ve", "unit|-|0|snli_ve"]
+    assert Path(first["page"]).is_file() and Path(first["chart"]).stat().st_size > 1000
+    assert benchmark(**params)["ran"] == []  # everything committed: nothing runs
+    store = ShardStore(root / "store")
+    victim = next(
+        m for m in store.manifests("bench", "leaderboard").values() if m.units[0][0] == "none|-|0|snli_ve"
+    )
+    store.drop("bench", "leaderboard", victim.shard)  # a cell lost (as if killed before its commit)
+    assert benchmark(**params)["ran"] == ["none|-|0|snli_ve"]
+    build_catalog(tasks_corpus.catalog, tasks_corpus.store)
+    with connect(tasks_corpus.catalog) as db:
+        rows = db.execute("SELECT method, task, seeds FROM leaderboard_summary ORDER BY 1, 2").fetchall()
+    assert rows == [("none", "clipart-zs", 1), ("none", "snli_ve", 1), ("unit", "snli_ve", 1)]
