@@ -141,11 +141,14 @@ def plan_chains(
                 mix = [t for t in tasks if t in UNIT_TASKS]
                 if not mix:
                     continue
-                base = load_train_config("unit_tiny")
+                # each sub-task exactly as its single-task preset has it (same data, same evaluation)
+                fields = {
+                    t: load_train_config(BENCH_TASKS[t].preset).task.model_dump(mode="json", exclude={"kind"})
+                    for t in mix
+                }
                 over = {
                     **common, "seed": seed, "max_steps": budget["finetune_steps"] * len(mix),
-                    "task.tasks": {t: base.task.tasks.get(t, {}) for t in mix},
-                    "task.ratios": {t: 1.0 for t in mix},
+                    "task.tasks": fields, "task.ratios": {t: 1.0 for t in mix},
                 }  # fmt: skip
                 cfg, h = _config("unit_tiny", over, runs, f"unit-s{seed}")
                 cells = [Cell(method, "-", seed, t, cfg, h) for t in mix]
@@ -181,7 +184,8 @@ def plan_chains(
                 over = {**common, "seed": seed, "init_from": init, "method": train_method}
                 if not bt.zero_shot:
                     over["max_steps"] = budget["finetune_steps"]
-                cfg, h = _config(bt.preset, over, runs, f"{t}-{method}-{mode}-s{seed}")
+                tag = method if mode == "-" else f"{method}-{mode}"
+                cfg, h = _config(bt.preset, over, runs, f"{t}-{tag}-s{seed}")
                 cells.append(Cell(method, mode, seed, t, cfg, h))
             chains.append(Chain(pre, cells))
     return chains
