@@ -15,6 +15,7 @@ pre-training run's own zero-shot retrieval on the held-out clip art.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from stores.catalog import build_catalog
 from stores.schemas import schema_of
 from stores.shards import ShardStore, stable_hash
 from vlp_core.paths import DataLayout
+from vlp_core.recipes import RECIPES
 from vlp_core.train.config import TrainConfig, load_train_config
 
 __all__ = ["BENCH_TASKS", "benchmark"]
@@ -75,6 +77,12 @@ BENCH_TASKS: dict[str, BenchTask] = {
 }
 #: tasks a UniT multitask run covers (its heads): the classification-shaped ones.
 UNIT_TASKS = ("vqa", "nlvr2", "snli_ve", "gqa", "refcoco")
+#: tasks with single-modality baselines (``task.blind``).
+BLIND_TASKS = ("nlvr2", "snli_ve", "gqa", "refcoco")
+#: method variants: ``<method>:text-only`` / ``<method>:image-only`` fine-tune the method's run with one
+#: modality blanked (``task.blind``); ``unit:single`` trains the UniT backbone on each task alone from its
+#: initial weights at the same steps per task as the multitask run.
+VARIANTS = ("", "text-only", "image-only", "single")
 
 
 def _hash(cfg: TrainConfig) -> str:
@@ -135,6 +143,13 @@ def plan_chains(
     }  # fmt: skip
     chains = []
     for method in methods:
+        base, _, variant = method.partition(":")
+        known = base == "none" or base in RECIPES
+        if not known or variant not in VARIANTS or (variant == "single") != (method == "unit:single"):
+            raise ValueError(
+                f"benchmark method {method!r}: a method ({', '.join(sorted(RECIPES))}), none, unit:single, "
+                "or <method>:text-only / <method>:image-only"
+            )
         for seed in seeds:
             cells: list[Cell] = []
             if method == "unit":
@@ -155,11 +170,11 @@ def plan_chains(
                 chains.append(Chain(None, cells))
                 continue
             pre, init = None, None
-            mode = "-" if method == "none" else pairs_mode
-            train_method = "albef" if method == "none" else method
-            if method != "none":
+            mode = "-" if base in ("none", "unit") else pairs_mode
+            train_method = {"none": "albef"}.get(base, base)
+            if base not in ("none", "unit"):
                 pre, _ = _config(
-                    f"{method.replace('-', '_')}_tiny",
+                    f"{base.replace('-', '_')}_tiny",
                     {
                         **common,
                         "seed": seed,
@@ -167,11 +182,15 @@ def plan_chains(
                         "data.pairs.mode": pairs_mode,
                     },  # fmt: skip
                     runs,
-                    f"pretrain-{method}-{pairs_mode}-s{seed}",
+                    f"pretrain-{base}-{pairs_mode}-s{seed}",
                 )
                 init = str(pre.resolved_run_dir())
             for t in tasks:
                 bt = BENCH_TASKS[t]
+                if variant in ("text-only", "image-only") and t not in BLIND_TASKS:
+                    continue
+                if variant == "single" and t not in UNIT_TASKS:
+                    continue
                 if bt.kind == "pretrain":
                     if pre is None:
                         cfg, h = _config(
@@ -184,7 +203,11 @@ def plan_chains(
                 over = {**common, "seed": seed, "init_from": init, "method": train_method}
                 if not bt.zero_shot:
                     over["max_steps"] = budget["finetune_steps"]
-                tag = method if mode == "-" else f"{method}-{mode}"
+                if variant in ("text-only", "image-only"):
+                    over["task.blind"] = variant.split("-")[0]
+                if variant == "single":
+                    over["optim.clip_grad_norm"] = 0.1  # UniT's, as in its multitask run
+                tag = method.replace(":", "-") if mode == "-" else f"{method.replace(':', '-')}-{mode}"
                 cfg, h = _config(bt.preset, over, runs, f"{t}-{tag}-s{seed}")
                 cells.append(Cell(method, mode, seed, t, cfg, h))
             chains.append(Chain(pre, cells))
@@ -193,7 +216,7 @@ def plan_chains(
 
 def _rows(cell: Cell, metrics: dict[str, float], budget: dict[str, int]) -> pa.Table:
     bt = BENCH_TASKS[cell.task]
-    prefix = f"{cell.task}/" if cell.method == "unit" else ""
+    prefix = f"{cell.task}/" if cell.method == "unit" else ""  # the multitask run's metrics
     metrics = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     headline = bt.headline_of(metrics)
     now = datetime.now(UTC)
@@ -222,13 +245,21 @@ def _commit(store: ShardStore, cell: Cell, shard: str, table: pa.Table) -> None:
 
 
 def _result(cfg: TrainConfig, zero_shot: bool) -> dict[str, Any]:
-    """A finished run's evaluation (``result.json`` in its run dir), else run it (resuming) now."""
-    done = cfg.resolved_run_dir() / "bench_result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    result = run_training.fn(cfg, 1, eval_only=zero_shot)
-    done.write_text(json.dumps(result))
-    return result
+    """A finished run's evaluation (``bench_result.json`` in its run dir), else run it (resuming) now. Chains
+    that share a run (a method and its single-modality variants share the pre-training run) take a lock on
+    its directory, so one trains it and the others wait for its result."""
+    run_dir = cfg.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "bench_result.json"
+    with open(run_dir / ".bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return json.loads(done.read_text())
+        result = run_training.fn(cfg, 1, eval_only=zero_shot)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(done)
+        return result
 
 
 @task(name="bench-chain", cache_policy=NO_CACHE)

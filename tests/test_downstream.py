@@ -164,3 +164,30 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     with connect(tasks_corpus.catalog) as db:
         rows = db.execute("SELECT method, task, seeds FROM leaderboard_summary ORDER BY 1, 2").fetchall()
     assert rows == [("none", "clipart-zs", 1), ("none", "snli_ve", 1), ("unit", "snli_ve", 1)]
+
+
+def test_benchmark_plans_variants_and_refuses_unknown_methods(data_dir):
+    """What each method spec runs: single-modality variants share their method's pre-training run and
+    only run the tasks that have such a baseline; ``unit:single`` trains the UniT backbone per task at the
+    multitask run's steps per task; a bad spec is an error before anything runs."""
+    from flows.benchmark import plan_chains
+
+    budget = {"pretrain_steps": 5, "finetune_steps": 3, "batch_size": 4}
+    tasks = ["vqa", "nlvr2", "refcoco", "retrieval", "clipart-zs"]
+    chains = plan_chains(
+        ["albef", "albef:image-only", "unit", "unit:single"], [7], tasks, budget, "known", data_dir
+    )
+    full, blind, unit, single = chains
+    assert full.pretrain.resolved_run_dir() == blind.pretrain.resolved_run_dir()
+    assert full.pretrain.data.pairs["mode"] == "known" and full.pretrain.max_steps == 5
+    assert [c.task for c in blind.cells] == ["nlvr2", "refcoco"]
+    assert {c.config.task.blind for c in blind.cells} == {"image"}
+    assert [c.task for c in unit.cells] == ["vqa", "nlvr2", "refcoco"] and unit.pretrain is None
+    assert unit.cells[0].config.max_steps == 3 * 3 and unit.cells[0].config.task.kind == "multitask"
+    assert [(c.task, c.config.method, c.config.max_steps) for c in single.cells] == [
+        ("vqa", "unit", 3), ("nlvr2", "unit", 3), ("refcoco", "unit", 3),
+    ]  # fmt: skip
+    assert len({c.config_hash for ch in chains for c in ch.cells}) == 2 + 2 + 1 + 3 + 3 + 0  # shared: one
+    for bad in ("albef:single", "unit:text-only-x", "nope"):
+        with pytest.raises(ValueError):
+            plan_chains([bad], [0], tasks, budget, "known", data_dir)
