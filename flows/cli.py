@@ -276,7 +276,7 @@ def sql(
 def runs(
     metrics: Annotated[
         str, typer.Option(help="comma-separated eval metrics to show")
-    ] = "itc_i2t_r1,itc_t2i_r1,itc_mean_r,itm_mean_r,vqa_accuracy",
+    ] = "itc_i2t_r1,itc_t2i_r1,itc_mean_r,itm_mean_r,vqa_accuracy,accuracy",
 ) -> None:
     """Training runs under <data>/runs/train: task, steps, last loss and evaluation."""
     from vlp_core.train.metrics import read_metrics
@@ -288,15 +288,14 @@ def runs(
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
         ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
         last = (read_metrics(run / "metrics.jsonl") or [{}])[-1]
-        task = cfg.get("task")
-        task = task.get("kind") if isinstance(task, dict) else task
+        task_cfg = cfg.get("task") if isinstance(cfg.get("task"), dict) else {"kind": cfg.get("task")}
+        task = task_cfg.get("kind")
         row = {
             "run": run.name,
             "task": task,
             "method": cfg.get("method"),
-            "pairs": (cfg.get("data") or {}).get("pairs", {}).get("mode", "")
-            if task != "vqa"
-            else (cfg.get("task") or {}).get("dataset", "easy_vqa"),
+            # a task's dataset (easy-VQA, a bundled or imported task), else the pre-training pairs
+            "data": task_cfg.get("dataset") or (cfg.get("data") or {}).get("pairs", {}).get("mode", ""),
             "steps": info.get("step", last.get("step")),
             "loss": last.get("loss"),
         }

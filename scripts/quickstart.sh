@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled real data: start the local Prefect server + worker (registering the
 # deployments of prefect.yaml), build the corpus through them, pre-train ALBEF (tiny, CPU) on its retrieved
-# pairs with zero-shot retrieval on the held-out clip art, fine-tune on easy-VQA, and print the numbers.
+# pairs with zero-shot retrieval on the held-out clip art, fine-tune on easy-VQA, build the bundled downstream
+# tasks and fine-tune the RefCOCO+-shaped one (referring expressions), and print the numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLP_VENV:-.venv}
@@ -16,7 +17,11 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 "$VENV/bin/vlp" sql "select image_id, category, tag_sentence, rank, round(score, 3) score, text from retrieval_browser where source = 'openclipart' order by image_id, rank" --limit 15
 "$VENV/bin/prefect" deployment run pretrain/albef --watch
 "$VENV/bin/prefect" deployment run finetune/vqa --watch
-"$VENV/bin/vlp" runs
+"$VENV/bin/prefect" deployment run build-tasks/bundled --watch
+"$VENV/bin/vlp" sql "select task, split, examples, labels, chance, chance_of from task_summary" \
+  --title "bundled downstream tasks"
+"$VENV/bin/prefect" deployment run finetune/refcoco --watch
+"$VENV/bin/vlp" runs --metrics vqa_accuracy,accuracy_testA,accuracy_testB
 cat <<MSG
 
 Done. The Prefect UI is at http://127.0.0.1:4200 (server and worker keep running; stop them: .venv/bin/vlp stop).

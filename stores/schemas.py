@@ -254,6 +254,10 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
+#: the tables the corpus build writes (the others: downstream tasks and the benchmark).
+CORPUS_TABLES: tuple[str, ...] = tuple(t for t in TABLES if not t.startswith("task_") and t != "leaderboard")
+
+
 def schema_of(table: str) -> pa.Schema:
     try:
         return TABLES[table]

@@ -19,7 +19,7 @@ import yaml
 from conftest import link_fetched
 
 from stores.catalog import connect
-from stores.schemas import TABLES
+from stores.schemas import CORPUS_TABLES
 from stores.shards import ShardStore
 from vlp_core.paths import REPO_ROOT, DataLayout
 
@@ -184,7 +184,7 @@ def _store_bytes(layout: DataLayout) -> dict[str, object]:
     FAISS index and its id map."""
     store = ShardStore(layout.store)
     out: dict[str, object] = {}
-    for table in TABLES:
+    for table in CORPUS_TABLES:
         if table == "rejects":
             out[table] = _table_rows(layout, table, ("rejected_at",))
             continue
@@ -211,7 +211,7 @@ def all_stages_build(prefect_stack, real, tmp_path_factory):
         build_corpus(config=str(cfg))
     finally:
         os.environ["VLP_DATA_DIR"] = previous
-    empty = [t for t in TABLES if ShardStore(clean.store).read_table(t).num_rows == 0]
+    empty = [t for t in CORPUS_TABLES if ShardStore(clean.store).read_table(t).num_rows == 0]
     assert not empty, f"the comparisons below would not see these tables: {empty}"
     return clean, cfg
 
@@ -238,7 +238,7 @@ def test_sigkill_inside_every_stage_resumes_to_identical_tables(all_stages_build
         done = len(list((killed.store / "_manifests" / stage).rglob("*.json")))
         assert done < max(n_shards[stage], 1), f"{stage}: killed after the stage had finished"
     assert _build_in_subprocess(killed, cfg) == 0
-    for table in TABLES:  # rows first: a failure names the table
+    for table in CORPUS_TABLES:  # rows first: a failure names the table
         rows = [_table_rows(layout, table, ("rejected_at",)) for layout in (killed, clean)]
         assert rows[0] == rows[1], table
     a, b = _store_bytes(killed), _store_bytes(clean)
