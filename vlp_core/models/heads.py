@@ -25,6 +25,7 @@ __all__ = [
     "mlp_head",
     "pool_cells",
     "ref_accuracy",
+    "ref_hits",
     "vqa_loss",
     "vqa_score",
 ]
@@ -275,8 +276,13 @@ class BoxScorer(OnBackbone, nn.Module):
         return ModelOutput(loss=loss, metrics=metrics, logits=s)
 
 
-def ref_accuracy(scores: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose best-scored box has IoU > 0.5 with the target box."""
+def ref_hits(scores: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: whether each row's best-scored box has IoU > 0.5 with its target box."""
     rows = torch.arange(len(target), device=boxes.device)
     pred = boxes[rows, scores.argmax(-1)]
-    return (box_iou(pred, boxes[rows, target]) > 0.5).float().mean()
+    return box_iou(pred, boxes[rows, target]) > 0.5
+
+
+def ref_accuracy(scores: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose best-scored box has IoU > 0.5 with the target box."""
+    return ref_hits(scores, boxes, target).float().mean()

@@ -35,7 +35,7 @@ from vlp_core.data.task_data import (
     read_task_examples,
 )
 from vlp_core.models import BoxScorer, FusedClassifier, build_backbone
-from vlp_core.models.heads import box_iou
+from vlp_core.models.heads import ref_hits
 from vlp_core.recipes import Stage
 from vlp_core.tasks.base import TaskConfig, load_backbone_weights_, register_task, resolve_init
 from vlp_core.train.spec import Stream, TrainSpec
@@ -198,9 +198,7 @@ def _hits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["boxes"],
             batch["box_mask"],
         )  # fmt: skip
-        rows = torch.arange(len(s), device=s.device)
-        pred = batch["boxes"][rows, s.argmax(-1)]
-        return box_iou(pred, batch["boxes"][rows, batch["target"]]) > 0.5
+        return ref_hits(s, batch["boxes"], batch["target"])
     logits = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     return logits.argmax(-1) == batch["labels"]
 
