@@ -16,8 +16,10 @@ pre-training run's own zero-shot retrieval on the held-out clip art.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from flows.train import run_training
 from stores.catalog import build_catalog
 from stores.schemas import schema_of
 from stores.shards import ShardStore, stable_hash
+from vlp_core.data.task_data import dataset_version
 from vlp_core.paths import DataLayout
 from vlp_core.recipes import RECIPES
 from vlp_core.train.config import TrainConfig, load_train_config
@@ -85,17 +88,23 @@ BLIND_TASKS = ("nlvr2", "snli_ve", "gqa", "refcoco")
 VARIANTS = ("", "text-only", "image-only", "single")
 
 
-def _hash(cfg: TrainConfig) -> str:
+def _hash(cfg: TrainConfig, version: Callable[[str], str]) -> str:
+    """The run's key: its resolved config (less where it runs and how often it logs) and the version of
+    every task dataset it reads (:func:`~vlp_core.data.task_data.dataset_version`), so rebuilt or
+    re-imported task data re-keys the runs on it."""
     d = cfg.model_dump(mode="json")
     for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):  # where, not what
         d.pop(k, None)
-    return stable_hash(d)
+    data = {name: version(name) for name in sorted(set(cfg.task.store_datasets()))}
+    return stable_hash(d, data) if data else stable_hash(d)
 
 
-def _config(preset: str, overrides: dict[str, Any], runs: Path, what: str) -> tuple[TrainConfig, str]:
+def _config(
+    preset: str, overrides: dict[str, Any], runs: Path, what: str, version: Callable[[str], str]
+) -> tuple[TrainConfig, str]:
     """A run's config keyed by its hash: ``runs/<what>-<hash[:12]>``."""
     cfg = load_train_config(preset, overrides)
-    h = _hash(cfg)
+    h = _hash(cfg, version)
     run_dir = runs / f"{what}-{h[:12]}"
     return load_train_config(preset, {**overrides, "run_dir": str(run_dir), "name": run_dir.name}), h
 
@@ -134,6 +143,8 @@ def plan_chains(
     """Every chain's configs at ``budget`` (``pretrain_steps``, ``finetune_steps``, ``batch_size``), on the
     data of ``layout``, with run dirs under ``runs/bench``."""
     runs = layout.runs / "bench"
+    store = ShardStore(layout.store)
+    version = functools.cache(lambda name: dataset_version(store, name))
     unknown = sorted(set(tasks) - set(BENCH_TASKS))
     if unknown:
         raise ValueError(f"unknown benchmark tasks {unknown}; known: {sorted(BENCH_TASKS)}")
@@ -165,7 +176,7 @@ def plan_chains(
                     **common, "seed": seed, "max_steps": budget["finetune_steps"] * len(mix),
                     "task.tasks": fields, "task.ratios": {t: 1.0 for t in mix},
                 }  # fmt: skip
-                cfg, h = _config("unit_tiny", over, runs, f"unit-s{seed}")
+                cfg, h = _config("unit_tiny", over, runs, f"unit-s{seed}", version)
                 cells = [Cell(method, "-", seed, t, cfg, h) for t in mix]
                 chains.append(Chain(None, cells))
                 continue
@@ -183,6 +194,7 @@ def plan_chains(
                     },  # fmt: skip
                     runs,
                     f"pretrain-{base}-{pairs_mode}-s{seed}",
+                    version,
                 )
                 init = str(pre.resolved_run_dir())
             for t in tasks:
@@ -194,10 +206,10 @@ def plan_chains(
                 if bt.kind == "pretrain":
                     if pre is None:
                         cfg, h = _config(
-                            "albef_tiny", {**common, "seed": seed}, runs, f"none-clipart-s{seed}"
+                            "albef_tiny", {**common, "seed": seed}, runs, f"none-clipart-s{seed}", version
                         )
                     else:
-                        cfg, h = pre, _hash(pre)
+                        cfg, h = pre, _hash(pre, version)
                     cells.append(Cell(method, mode, seed, t, cfg, h))
                     continue
                 over = {**common, "seed": seed, "init_from": init, "method": train_method}
@@ -208,7 +220,7 @@ def plan_chains(
                 if variant == "single":
                     over["optim.clip_grad_norm"] = 0.1  # UniT's, as in its multitask run
                 tag = method.replace(":", "-") if mode == "-" else f"{method.replace(':', '-')}-{mode}"
-                cfg, h = _config(bt.preset, over, runs, f"{t}-{tag}-s{seed}")
+                cfg, h = _config(bt.preset, over, runs, f"{t}-{tag}-s{seed}", version)
                 cells.append(Cell(method, mode, seed, t, cfg, h))
             chains.append(Chain(pre, cells))
     return chains
@@ -244,33 +256,47 @@ def _commit(store: ShardStore, cell: Cell, shard: str, table: pa.Table) -> None:
     store.commit(STAGE, SOURCE, shard, "v1", [(cell.key, cell.config_hash)], {"leaderboard": table})
 
 
-def _result(cfg: TrainConfig, zero_shot: bool) -> dict[str, Any]:
-    """A finished run's evaluation (``bench_result.json`` in its run dir), else run it (resuming) now. Chains
-    that share a run (a method and its single-modality variants share the pre-training run) take a lock on
-    its directory, so one trains it and the others wait for its result."""
+def _prune(run_dir: Path, keep_last: bool) -> None:
+    """Free a finished run's checkpoints: all of them (``keep_last`` False: a fine-tuning cell, whose result
+    is in the store), or all but the newest (a pre-training run the cells start from)."""
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    for p in ckpts[:-1] if keep_last else ckpts:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _result(cfg: TrainConfig, zero_shot: bool, prune: str = "none") -> dict[str, Any]:
+    """A finished run's evaluation (``bench_result.json`` in its run dir), else run it (resuming) now, then
+    free its checkpoints as ``prune`` says (``none``, ``older``: all but the newest, ``all``). Chains that
+    share a run (a method and its single-modality variants share the pre-training run) take a lock on its
+    directory, so one trains it and the others wait for its result."""
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "bench_result.json"
     with open(run_dir / ".bench.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
-            return json.loads(done.read_text())
-        result = run_training.fn(cfg, 1, eval_only=zero_shot)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(done)
-        return result
+        if not done.exists():
+            result = run_training.fn(cfg, 1, eval_only=zero_shot)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(done)
+        if prune != "none":
+            _prune(run_dir, keep_last=prune == "older")
+        return json.loads(done.read_text())
 
 
 @task(name="bench-chain", cache_policy=NO_CACHE)
-def run_chain(store_root: str, chain: Chain, todo: dict[str, str], budget: dict[str, int]) -> list[str]:
-    """Run a chain's missing cells (``todo``: cell key -> shard), pre-training first where a cell needs it."""
+def run_chain(
+    store_root: str, chain: Chain, todo: dict[str, str], budget: dict[str, int], keep_checkpoints: bool
+) -> list[str]:
+    """Run a chain's missing cells (``todo``: cell key -> shard), pre-training first where a cell needs it.
+    Cells' checkpoints are freed once their result is in, and a pre-training run keeps only its newest
+    (``keep_checkpoints`` keeps them all)."""
     log = get_run_logger()
     store = ShardStore(store_root)
     done = []
     if chain.pretrain is not None:
         log.info("pre-training %s", chain.pretrain.resolved_run_dir().name)
-        pre = _result(chain.pretrain, zero_shot=False)
+        pre = _result(chain.pretrain, zero_shot=False, prune="none" if keep_checkpoints else "older")
     for cell in chain.cells:
         if cell.key not in todo:
             continue
@@ -280,7 +306,8 @@ def run_chain(store_root: str, chain: Chain, todo: dict[str, str], budget: dict[
         else:
             log.info("%s: %s", cell.key, cell.config.resolved_run_dir().name)
             zero_shot = bt.zero_shot and cell.method != "unit"
-            metrics = _result(cell.config, zero_shot=zero_shot)["eval"]
+            prune = "none" if keep_checkpoints else "all"
+            metrics = _result(cell.config, zero_shot=zero_shot, prune=prune)["eval"]
         _commit(store, cell, todo[cell.key], _rows(cell, metrics, budget))
         done.append(cell.key)
         log.info("%s done: %s", cell.key, BENCH_TASKS[cell.task].headline_of(metrics))
@@ -289,10 +316,10 @@ def run_chain(store_root: str, chain: Chain, todo: dict[str, str], budget: dict[
 
 @flow(name="run-chains")
 def run_chains(
-    store_root: str, chains: list[Chain], todo: dict[str, str], budget: dict[str, int]
+    store_root: str, chains: list[Chain], todo: dict[str, str], budget: dict[str, int], keep_checkpoints: bool
 ) -> list[str]:
     """The chains, as many at once as the task runner's workers."""
-    futures = [run_chain.submit(store_root, ch, todo, budget) for ch in chains]
+    futures = [run_chain.submit(store_root, ch, todo, budget, keep_checkpoints) for ch in chains]
     return [k for f in futures for k in f.result()]
 
 
@@ -308,9 +335,12 @@ def benchmark(
     parallel: int = 2,
     threads: int = 1,
     data_dir: str | None = None,
+    keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """The method x task leaderboard at one budget; see the module docstring. Returns the summary rows and
-    the paths of the HTML page and the chart."""
+    the paths of the HTML page and the chart. Fine-tuning runs' checkpoints are deleted once their result
+    is committed and pre-training runs keep only their newest (the cells' starting point), unless
+    ``keep_checkpoints``: a full leaderboard would otherwise hold a few hundred MB per cell."""
     from flows.leaderboard import render
 
     log = get_run_logger()
@@ -331,9 +361,14 @@ def benchmark(
         len(units) - len(todo), len(todo), sum(any(c.key in todo for c in ch.cells) for ch in chains),
     )  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(threads)  # each training child process
-    pending = [ch for ch in chains if any(c.key in todo for c in ch.cells)]
+    # breadth first: every method's seed 0, then seed 1, ... (a stopped benchmark leaves whole seeds)
+    pending = sorted(
+        (ch for ch in chains if any(c.key in todo for c in ch.cells)), key=lambda ch: ch.cells[0].seed
+    )
     runner = ThreadPoolTaskRunner(max_workers=max(1, parallel))
-    finished = run_chains.with_options(task_runner=runner)(str(layout.store), pending, todo, budget)
+    finished = run_chains.with_options(task_runner=runner)(
+        str(layout.store), pending, todo, budget, keep_checkpoints
+    )
     build_catalog(layout.catalog, layout.store)
     page, chart, summary = render(layout)
     create_markdown_artifact(

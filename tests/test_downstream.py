@@ -153,6 +153,8 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     first = benchmark(**params)
     assert sorted(first["ran"]) == ["none|-|0|clipart-zs", "none|-|0|snli_ve", "unit|-|0|snli_ve"]
     assert Path(first["page"]).is_file() and Path(first["chart"]).stat().st_size > 1000
+    runs = root / "runs" / "bench"
+    assert not list(runs.glob("*/checkpoints/step_*"))  # results committed: fine-tuning checkpoints freed
     assert benchmark(**params)["ran"] == []  # everything committed: nothing runs
     store = ShardStore(root / "store")
     victim = next(
@@ -166,16 +168,17 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     assert rows == [("none", "clipart-zs", 1), ("none", "snli_ve", 1), ("unit", "snli_ve", 1)]
 
 
-def test_benchmark_plans_variants_and_refuses_unknown_methods(data_dir):
+def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data_dir):
     """What each method spec runs: single-modality variants share their method's pre-training run and
     only run the tasks that have such a baseline; ``unit:single`` trains the UniT backbone per task at the
-    multitask run's steps per task; a bad spec is an error before anything runs."""
-    from flows.benchmark import plan_chains
+    multitask run's steps per task; a run's key includes the version of the task data it reads; a bad
+    spec, or tasks not built, is an error before anything runs."""
+    from flows.benchmark import _hash, plan_chains
 
     budget = {"pretrain_steps": 5, "finetune_steps": 3, "batch_size": 4}
     tasks = ["vqa", "nlvr2", "refcoco", "retrieval", "clipart-zs"]
     chains = plan_chains(
-        ["albef", "albef:image-only", "unit", "unit:single"], [7], tasks, budget, "known", data_dir
+        ["albef", "albef:image-only", "unit", "unit:single"], [7], tasks, budget, "known", tasks_corpus
     )
     full, blind, unit, single = chains
     assert full.pretrain.resolved_run_dir() == blind.pretrain.resolved_run_dir()
@@ -188,9 +191,14 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(data_dir):
         ("vqa", "unit", 3), ("nlvr2", "unit", 3), ("refcoco", "unit", 3),
     ]  # fmt: skip
     assert len({c.config_hash for ch in chains for c in ch.cells}) == 2 + 2 + 1 + 3 + 3 + 0  # shared: one
+    nlvr2 = full.cells[1].config
+    assert _hash(nlvr2, lambda name: "v1") != _hash(nlvr2, lambda name: "v2")  # rebuilt data: a new key
+    assert _hash(full.pretrain, lambda name: "v1") == _hash(full.pretrain, lambda name: "v2")  # no task data
     for bad in ("albef:single", "unit:text-only-x", "nope"):
         with pytest.raises(ValueError):
-            plan_chains([bad], [0], tasks, budget, "known", data_dir)
+            plan_chains([bad], [0], tasks, budget, "known", tasks_corpus)
+    with pytest.raises(ValueError, match="build-tasks"):
+        plan_chains(["albef"], [0], ["nlvr2"], budget, "known", data_dir)
 
 
 def test_a_bundled_task_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_bytes(tasks_corpus, tmp_path):

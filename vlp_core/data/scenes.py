@@ -868,7 +868,7 @@ def _pair_space() -> dict[str, tuple[_Statement, ...]]:
     return {f: tuple(v) for f, v in space.items()}
 
 
-def _draw(rng: np.random.Generator, space: dict[str, tuple[_Statement, ...]]) -> _Statement:
+def _draw(rng: np.random.Generator, space: dict[str, tuple[Any, ...]]) -> Any:
     """A family uniformly, then one of its statements uniformly."""
     family = list(space)[int(rng.integers(len(space)))]
     return _choose(rng, space[family])
@@ -938,36 +938,43 @@ def generate_pairs(
 
 # --------------------------------------------------------------------------- scene-entailment (SNLI-VE)
 
-ENT_FAMILIES = ("exists", "not_exists", "at_least", "exactly")
-#: counts a hypothesis may name: only those each of the three labels can have (2-4 objects, one hidden).
-_AT_LEAST = {Desc(): (3, 4), Desc("shape"): (2, 3), Desc("clipart"): (2, 3)}
-_EXACTLY = {Desc(): (2, 3, 4), Desc("shape"): (1, 2, 3), Desc("clipart"): (1, 2, 3)}
+ENT_FAMILIES = ("at_least", "at_most", "more")
+#: objects in a premise scene (besides the occluder).
+ENT_OBJECTS = (1, 4)
+#: things a hypothesis counts: objects, shapes, clip-art objects, each shape, each colour's shapes, each noun.
+_COUNTED = (
+    _KINDS
+    + tuple(Desc("shape", s) for s in SHAPES)
+    + tuple(Desc("shape", None, c) for c in COLORS)
+    + tuple(Desc("clipart", n) for n in NOUNS)
+)
+#: disjoint pairs "more" compares (both orders): shapes / clip art, two shapes, two colours, two nouns.
+_COMPARED = (
+    ((Desc("shape"), Desc("clipart")), (Desc("clipart"), Desc("shape")))
+    + tuple((Desc("shape", a), Desc("shape", b)) for a in SHAPES for b in SHAPES if a != b)
+    + tuple((Desc("shape", None, a), Desc("shape", None, b)) for a in COLORS for b in COLORS if a != b)
+    + tuple((Desc("clipart", a), Desc("clipart", b)) for a in NOUNS for b in NOUNS if a != b)
+)
 
 
-@functools.cache
-def _hypothesis_space() -> dict[str, tuple[_Statement, ...]]:
-    """Every hypothesis of each family; ``truth(objects)``."""
-    space: dict[str, list[_Statement]] = {f: [] for f in ENT_FAMILIES}
-    for x in _VOCAB:
-        space["exists"].append(_Statement("exists", f"There is {x.indef}.", lambda o, x=x: _has(o, x), x))
-        space["not_exists"].append(
-            _Statement("not_exists", f"There is no {x.phrase}.", lambda o, x=x: not _has(o, x), x)
-        )
-    for k in _KINDS:
-        for n in _AT_LEAST[k]:
-            space["at_least"].append(
-                _Statement(
-                    "at_least", f"There are at least {k.number(n)}.", lambda o, k=k, n=n: k.count(o) >= n
-                )
-            )
-        for n in _EXACTLY[k]:
-            verb = "is" if n == 1 else "are"
-            space["exactly"].append(
-                _Statement(
-                    "exactly", f"There {verb} exactly {k.number(n)}.", lambda o, k=k, n=n: k.count(o) == n
-                )
-            )
-    return {f: tuple(v) for f, v in space.items()}
+@dataclass(frozen=True)
+class _Hypothesis:
+    """A hypothesis: ``family``, ``text``, the counted thing ``x``, the compared thing ``y`` (``more``) and
+    the count ``n`` (``at_least`` / ``at_most``)."""
+
+    family: str
+    text: str
+    x: Desc
+    y: Desc | None = None
+    n: int = 0
+
+    def truth(self, objs: _Objs) -> bool:
+        if self.family == "at_least":
+            return self.x.count(objs) >= self.n
+        if self.family == "at_most":
+            return self.x.count(objs) <= self.n
+        assert self.y is not None
+        return self.x.count(objs) > self.y.count(objs)
 
 
 def entailment_label(truth: Callable[[_Objs], bool], visible: _Objs, occluder: bool) -> str:
@@ -984,65 +991,109 @@ def entailment_label(truth: Callable[[_Objs], bool], visible: _Objs, occluder: b
     return "neutral"
 
 
-#: (label, family) pairs possible in a scene with an occluder (neutral needs one); the others never get one.
-_OCCLUDER_OK = {
-    ("entailment", "exists"),
-    ("entailment", "at_least"),
-    ("contradiction", "not_exists"),
-    ("contradiction", "at_least"),
-    ("contradiction", "exactly"),
-}
-#: probability of an occluder where possible, so that an occluder is seen with half of the entailments (2
-#: of 4 families possible) and half of the contradictions (3 of 4), and with every neutral.
-_OCCLUDER_P = {"entailment": 1.0, "contradiction": 2 / 3, "neutral": 1.0}
+def _representative(*, matching: Desc | None = None, avoiding: Sequence[Desc] = ()) -> SceneObject | None:
+    """The first possible object matching ``matching`` (any when ``None``) and none of ``avoiding``."""
+    for o in _HIDDEN:
+        if (matching is None or matching.matches(o)) and not any(d.matches(o) for d in avoiding):
+            return o
+    return None
+
+
+@functools.cache
+def _count_options(h: _Hypothesis) -> dict[str, tuple[tuple[int, int, int], ...]]:
+    """``{label: ((x objects, y objects, other objects), ...)}``: every premise of
+    :data:`ENT_OBJECTS` objects, as counts, by the label :func:`entailment_label` gives it (counts decide the
+    truth of every family, so one representative object of each group stands for all)."""
+    avoid = [h.x] + ([h.y] if h.y is not None else [])
+    rx = _representative(matching=h.x)
+    ry = _representative(matching=h.y, avoiding=[h.x]) if h.y is not None else None
+    rz = _representative(avoiding=avoid)
+    lo, hi = ENT_OBJECTS
+    out: dict[str, list[tuple[int, int, int]]] = {label: [] for label in ENTAILMENT_LABELS}
+    for cx in range(hi + 1):
+        for cy in range(hi + 1 if ry is not None else 1):
+            for cz in range(hi + 1 if rz is not None else 1):
+                if not lo <= cx + cy + cz <= hi:
+                    continue
+                objs = [rx] * cx + [ry] * cy + [rz] * cz
+                out[entailment_label(h.truth, objs, occluder=True)].append((cx, cy, cz))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@functools.cache
+def _hypothesis_space() -> dict[str, tuple[_Hypothesis, ...]]:
+    """Every hypothesis of each family that each of the three labels can have (so its text says nothing
+    about its label)."""
+    cands: dict[str, list[_Hypothesis]] = {f: [] for f in ENT_FAMILIES}
+    for x in _COUNTED:
+        for n in range(1, ENT_OBJECTS[1] + 1):
+            be = "is" if n == 1 else "are"
+            cands["at_least"].append(_Hypothesis("at_least", f"There {be} at least {x.number(n)}.", x, n=n))
+            cands["at_most"].append(_Hypothesis("at_most", f"There {be} at most {x.number(n)}.", x, n=n))
+    for x, y in _COMPARED:
+        cands["more"].append(_Hypothesis("more", f"There are more {x.plural} than {y.plural}.", x, y))
+    return {
+        f: tuple(h for h in hs if all(_count_options(h).values())) for f, hs in cands.items()
+    }
+
+
+def _spec_of(d: Desc) -> ObjectSpec:
+    return ObjectSpec(d.kind, d.name, d.color)
+
+
+def _spec_avoiding(
+    rng: np.random.Generator, banks: SpriteBanks, cfg: SceneConfig, avoid: Sequence[Desc]
+) -> ObjectSpec:
+    """A random object matching none of ``avoid``."""
+    for _ in range(_MAX_TRIES):
+        s = _complete_spec(rng, banks, ObjectSpec(), cfg)
+        if not any(d.matches(SceneObject(s.kind, s.name or "", s.color, (0, 0, 0, 0))) for d in avoid):
+            return s
+    raise RuntimeError(f"no object avoiding {avoid}")
 
 
 def generate_entailment(
     split: str, index: int, seed: int = 0, *, clipart_root: str | Path | None = None
 ) -> tuple[list[TaskExample], dict[str, Image.Image]]:
-    """SNLI-VE-shaped: one scene (the premise, 2-4 objects, maybe an occluder) and a hypothesis, ``label``
+    """SNLI-VE-shaped: one scene (the premise: 1-4 objects and a grey occluder) and a hypothesis, ``label``
     ``entailment`` / ``neutral`` / ``contradiction``, exactly balanced over every aligned block of 3.
 
-    Hypothesis families: ``exists`` "There is a red circle." / "There is a triangle." / "There is a red
-    shape." / "There is an animal."; ``not_exists`` "There is no red circle." (same things); ``at_least``
-    "There are at least three objects." (objects 3-4, shapes / clip-art objects 2-3); ``exactly`` "There are
-    exactly two shapes." (objects 2-4, shapes / clip-art objects 1-3): only counts all three labels can have.
+    The rule (:func:`entailment_label`): the occluder, in every premise, is an opaque grey square that may
+    hide at most one object of any kind. A hypothesis is *entailment* when it is true of the visible objects
+    and stays true whatever the occluder hides, *contradiction* when it is false of them and stays false,
+    *neutral* when the occluder decides it.
 
-    The rule (:func:`entailment_label`): the occluder is an opaque grey square that may hide at most one
-    object of any kind. A hypothesis is *entailment* when it is true of the visible objects and stays true
-    whatever the occluder hides (no occluder: true of the visible objects); *contradiction* when it is false
-    of the visible objects and stays false whatever it hides (so a positive statement is a contradiction only
-    without an occluder, while "There is no X." with an X visible is one either way); *neutral* when the
-    occluder decides it: a positive statement false of the visible objects that one hidden object would make
-    true ("There is a red circle." with no red circle visible), "There is no X." with no X visible, or a
-    count that one hidden object would change.
+    Families: ``at_least`` "There are at least two circles." / ``at_most`` "There is at most one animal."
+    (objects, shapes, clip-art objects, a shape, a colour's shapes or a noun; only the counts all three
+    labels can have: "at least three red shapes" is entailed by three visible, neutral with two,
+    contradicted by one or none) and ``more`` "There are more red shapes than blue shapes." (shapes / clip
+    art, two shapes, two colours or two nouns; entailment when ahead by two or more, neutral when level or
+    ahead by one, contradiction when behind).
 
     Construction: the label is drawn first (block-balanced), then the hypothesis *independently of it* (a
-    family uniformly, then a hypothesis uniformly), then whether the scene has an occluder (always for
-    neutral; otherwise with :data:`_OCCLUDER_P` where the family can have the label with one,
-    :data:`_OCCLUDER_OK`), then scenes until the hypothesis has the label for one (each scene includes the
-    named thing with probability 0.5; a new hypothesis after 100 scenes). So every hypothesis is as likely
-    under each label (text alone says nothing), and an occluder is present in about half of the
-    non-neutral scenes (the image alone cannot decide either)."""
+    family uniformly, then a hypothesis uniformly), then the premise's counts: a number of objects uniformly
+    among those the label allows for that hypothesis, then uniformly one split of it into counted /
+    compared / other objects that has the label (:func:`_count_options`), then a scene of exactly those
+    objects (others drawn at random among the objects neither thing describes), in random order. So every
+    hypothesis is as likely under each label (the text alone says nothing), and every premise has an
+    occluder (its presence says nothing): the label needs both."""
     task = "scene-entailment"
     rng = _rng(seed, task, split, index)
     want = _block_slot(seed, task, split, index, ENTAILMENT_LABELS)
     banks = sprite_banks(_part(split), clipart_root)
-    space = _hypothesis_space()
-    for _ in range(_MAX_TRIES // 20):
-        hyp = _draw(rng, space)
-        possible = want == "neutral" or (want, hyp.family) in _OCCLUDER_OK
-        occluder = possible and bool(rng.random() < _OCCLUDER_P[want])
-        cfg = SceneConfig(occluder=occluder)
-        for _ in range(100):
-            scene = compose_scene(rng, banks, cfg, _mention_specs(rng, banks, cfg, hyp.desc))
-            if entailment_label(hyp.truth, scene.objects, occluder) == want:
-                break
-        else:
-            continue
-        break
-    else:
-        raise RuntimeError(f"{task}: no hypothesis for example {index}")
+    cfg = SceneConfig(occluder=True, min_objects=ENT_OBJECTS[0], max_objects=ENT_OBJECTS[1])
+    hyp = _draw(rng, _hypothesis_space())
+    options = _count_options(hyp)[want]
+    total = _choose(rng, sorted({sum(o) for o in options}))
+    cx, cy, cz = _choose(rng, [o for o in options if sum(o) == total])
+    avoid = [hyp.x] + ([hyp.y] if hyp.y is not None else [])
+    specs = [_spec_of(hyp.x)] * cx + [_spec_of(d) for d in avoid[1:] for _ in range(cy)]
+    specs += [_spec_avoiding(rng, banks, cfg, avoid) for _ in range(cz)]
+    specs = [specs[i] for i in rng.permutation(len(specs))]
+    scene = compose_scene(rng, banks, cfg, specs)
+    got = entailment_label(hyp.truth, scene.objects, occluder=True)
+    if got != want:  # the counts decide the label: a mismatch is a bug here
+        raise RuntimeError(f"{task}: example {index} came out {got}, not {want}: {hyp.text}")
     key = _key(seed, task, split, index)
     name = f"{task}/{split}/{key}.png"
     ex = TaskExample(
@@ -1052,12 +1103,7 @@ def generate_entailment(
         images=(name,),
         text=hyp.text,
         label=want,
-        meta={
-            "family": hyp.family,
-            "occluder": "yes" if occluder else "no",
-            "scene_key": key,
-            "scenes": _meta_scenes(scene),
-        },
+        meta={"family": hyp.family, "scene_key": key, "scenes": _meta_scenes(scene)},
     )
     return [ex], {name: scene.image}
 
@@ -1401,10 +1447,11 @@ SCENE_TASKS: dict[str, SceneTaskSpec] = {
             generate_entailment,
             {"train": 3000, "val": 300, "test": 600},
             ENTAILMENT_LABELS,
-            "One scene as premise, possibly with a grey occluder that may hide one object, and a hypothesis "
-            "(there is / there is no / at least / exactly); entailment if true whatever the occluder hides, "
-            "contradiction if false whatever it hides, neutral if the occluder decides; balanced 1/3 each, "
-            "the hypothesis drawn independently of the label, then scenes until it has the label.",
+            "One scene as premise (1-4 objects and, always, a grey occluder that may hide one object) and a "
+            "hypothesis (at least / at most n things, more X than Y); entailment if true whatever the occluder "
+            "hides, contradiction if false whatever it hides, neutral if the occluder decides; balanced 1/3 "
+            "each, the hypothesis drawn independently of the label, then a premise with counts that give it "
+            "the label.",
         ),
         SceneTaskSpec(
             "scene-refs",

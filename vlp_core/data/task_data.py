@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from stores.shards import ShardStore
+from stores.shards import ShardStore, stable_hash
 from vlp_core.data.examples import TaskExample
 from vlp_core.data.sampler import sample_seed
 
@@ -34,6 +34,7 @@ __all__ = [
     "ExamplePairDataset",
     "LabelVocab",
     "TaskImages",
+    "dataset_version",
     "read_task_examples",
     "retrieval_groups",
     "task_splits",
@@ -54,6 +55,28 @@ def _filtered(store: ShardStore, table: str, task: str, splits: Sequence[str] | 
         if t.num_rows:
             parts.append(t)
     return pa.concat_tables(parts) if parts else store.read_table(table).slice(0, 0)
+
+
+def dataset_version(store: ShardStore, task: str) -> str:
+    """A fingerprint of ``task``'s examples in the store: the hash of the committed shards that hold them. A
+    shard's name hashes its stage, source, signature (parameters and generator / reader code) and units
+    (input file sizes and times for imports), so a rebuilt or re-imported dataset gets a new version and an
+    unchanged one keeps it. Images in folders outside the store are not part of it.
+
+    Raises:
+        ValueError: when the store has no examples of ``task``.
+    """
+    files = []
+    for f in store.committed_files("task_examples"):
+        t = pq.read_table(f, columns=["task"])
+        if pc.any(pc.equal(t["task"], task)).as_py():
+            files.append(f.relative_to(store.root).as_posix())
+    if not files:
+        raise ValueError(
+            f"task {task!r} has no examples in the store {store.root}: build the bundled tasks (prefect "
+            "deployment run build-tasks/bundled, or vlp build-tasks) or import the dataset (vlp import-task ...)"
+        )
+    return stable_hash(files)
 
 
 def task_splits(store: ShardStore, task: str) -> dict[str, int]:

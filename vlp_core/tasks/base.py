@@ -28,6 +28,11 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
 
+    def store_datasets(self) -> list[str]:
+        """The ``task_examples`` datasets the task reads (their versions key benchmark runs); none by
+        default."""
+        return []
+
 
 @dataclass
 class _Entry:

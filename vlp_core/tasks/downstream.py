@@ -63,6 +63,9 @@ class ExampleTask(TaskConfig):
         "replaced by a uniform grey one (a text-only model), image = every text empty (an image-only one)",
     )
 
+    def store_datasets(self) -> list[str]:
+        return [self.dataset]
+
 
 class NLVR2Task(ExampleTask):
     kind: str = "nlvr2"

@@ -60,6 +60,13 @@ class MultiTask(TaskConfig):
             raise ValueError("multitask: the ratios sum to 0")
         return self
 
+    def store_datasets(self) -> list[str]:
+        return [
+            d
+            for kind, fields in self.tasks.items()
+            for d in task_config({**fields, "kind": kind}).store_datasets()
+        ]
+
     def weights(self) -> dict[str, float]:
         raw = {k: (self.ratios.get(k, 0.0) if self.ratios else 1.0) for k in self.tasks}
         total = sum(raw.values())

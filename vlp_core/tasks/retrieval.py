@@ -49,6 +49,9 @@ class RetrievalTask(TaskConfig):
     eval_split: str = "test"
     eval_images: int | None = Field(None, gt=0, description="cap on evaluation images (null = all)")
 
+    def store_datasets(self) -> list[str]:
+        return [self.dataset] if self.dataset else []
+
 
 def retrieval_recipe_config(config: Any) -> Any:
     """The method's recipe config with every loss not in the task's losses at weight 0 (and the recipe's
