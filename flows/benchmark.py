@@ -43,7 +43,13 @@ from vlp_core.train.config import TrainConfig, load_train_config
 
 __all__ = ["BENCH_TASKS", "benchmark"]
 
-STAGE, SOURCE = "bench", "leaderboard"
+STAGE = "bench"
+
+
+def budget_source(budget: dict[str, int]) -> str:
+    """The store source of one budget's cells (``p100-f60-b16``): budgets are separate leaderboards, and a
+    cell re-run at the same budget (new config or data) replaces its old result."""
+    return f"p{budget['pretrain_steps']}-f{budget['finetune_steps']}-b{budget['batch_size']}"
 
 
 def _retrieval_headline(metrics: dict[str, float]) -> str:
@@ -252,8 +258,8 @@ def _rows(cell: Cell, metrics: dict[str, float], budget: dict[str, int]) -> pa.T
     return pa.Table.from_pylist(rows, schema=schema_of("leaderboard"))
 
 
-def _commit(store: ShardStore, cell: Cell, shard: str, table: pa.Table) -> None:
-    store.commit(STAGE, SOURCE, shard, "v1", [(cell.key, cell.config_hash)], {"leaderboard": table})
+def _commit(store: ShardStore, cell: Cell, shard: str, table: pa.Table, source: str) -> None:
+    store.commit(STAGE, source, shard, "v1", [(cell.key, cell.config_hash)], {"leaderboard": table})
 
 
 def _prune(run_dir: Path, keep_last: bool) -> None:
@@ -308,7 +314,7 @@ def run_chain(
             zero_shot = bt.zero_shot and cell.method != "unit"
             prune = "none" if keep_checkpoints else "all"
             metrics = _result(cell.config, zero_shot=zero_shot, prune=prune)["eval"]
-        _commit(store, cell, todo[cell.key], _rows(cell, metrics, budget))
+        _commit(store, cell, todo[cell.key], _rows(cell, metrics, budget), budget_source(budget))
         done.append(cell.key)
         log.info("%s done: %s", cell.key, BENCH_TASKS[cell.task].headline_of(metrics))
     return done
@@ -354,7 +360,10 @@ def benchmark(
     store.collect_garbage()
     chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout)
     units = [(c.key, c.config_hash) for ch in chains for c in ch.cells]
-    plan = store.plan(STAGE, SOURCE, units, "v1", shard_size=1)
+    source = budget_source(budget)
+    plan = store.plan(STAGE, source, units, "v1", shard_size=1)
+    for stale in plan.stale:  # a cell whose config or data changed: its old result goes
+        store.drop(STAGE, source, stale)
     todo = {u[0][0]: shard for shard, u in plan.todo}
     log.info(
         "benchmark at %s: %d cells, %d committed, %d to run (%d chains)", budget, len(units),
@@ -370,7 +379,7 @@ def benchmark(
         str(layout.store), pending, todo, budget, keep_checkpoints
     )
     build_catalog(layout.catalog, layout.store)
-    page, chart, summary = render(layout)
+    page, chart, summary = render(layout, json.dumps(budget, sort_keys=True))
     create_markdown_artifact(
         key="leaderboard",
         markdown=summary,

@@ -24,9 +24,9 @@ CHANCE_OF = {
 }
 
 
-def _summary(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def _summary(layout: DataLayout, budget: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
     with connect(layout.catalog) as db:
-        cur = db.execute("SELECT * FROM leaderboard_summary")
+        cur = db.execute("SELECT * FROM leaderboard_summary WHERE budget = ?", [budget])
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         chance: dict[str, float] = {}
@@ -45,22 +45,25 @@ def _summary(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, float]
         if ref and ref[0] is not None:
             chance["refcoco"] = 100 * float(ref[0])
         held = db.execute(
-            "SELECT max(value) FROM leaderboard WHERE task = 'clipart-zs' AND metric = 'n_images'"
+            "SELECT max(value) FROM leaderboard "
+            "WHERE task = 'clipart-zs' AND metric = 'n_images' AND budget = ?",
+            [budget],
         ).fetchone()
         if held and held[0]:  # the held-out clip art: mean recall of a random ranking
             chance["clipart-zs"] = 100 * (1 + 5 + 10) / 3 / float(held[0])
     return rows, chance
 
 
-def render(layout: DataLayout) -> tuple[Path, Path, str]:
-    """Write ``reports/leaderboard.html`` and ``reports/leaderboard.png``; returns their paths and the
-    summary as a Markdown table (for the Prefect artifact)."""
+def render(layout: DataLayout, budget: str) -> tuple[Path, Path, str]:
+    """Write ``reports/leaderboard.html`` and ``reports/leaderboard.png`` for one ``budget`` (its JSON, as
+    the ``budget`` column has it); returns their paths and the summary as a Markdown table (for the Prefect
+    artifact)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, chance = _summary(layout)
+    rows, chance = _summary(layout, budget)
     out = layout.root / "reports"
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in rows})
@@ -87,7 +90,6 @@ def render(layout: DataLayout) -> tuple[Path, Path, str]:
         body.append(f"<tr><th>{html.escape(label[m])}</th>{''.join(cells_html)}</tr>")
     md.append("| chance | " + " | ".join(f"{chance[t]:.1f}" if t in chance else "—" for t in tasks) + " |")
     metric = {t: next(r["metric"] for r in rows if r["task"] == t) for t in tasks}
-    budget = rows[0]["budget"] if rows else "{}"
     head = "".join(f"<th>{html.escape(t)}<br><small>{html.escape(metric[t])}</small></th>" for t in tasks)
     chance_row = "".join(f"<td>{chance[t]:.1f}</td>" if t in chance else "<td>—</td>" for t in tasks)
     page = out / "leaderboard.html"

@@ -46,8 +46,8 @@ CREATE OR REPLACE VIEW leaderboard_summary AS
 SELECT method, pairs_mode, task, any_value(metric) AS metric, count(*) AS seeds,
        round(100 * avg(value), 2) AS mean, round(100 * coalesce(stddev_samp(value), 0), 2) AS std,
        round(100 * min(value), 2) AS min, round(100 * max(value), 2) AS max,
-       list(seed ORDER BY seed) AS seed_list, any_value(budget) AS budget
+       list(seed ORDER BY seed) AS seed_list, budget
 FROM leaderboard
 WHERE headline
-GROUP BY method, pairs_mode, task
-ORDER BY task, mean DESC;
+GROUP BY budget, method, pairs_mode, task
+ORDER BY budget, task, mean DESC;

@@ -158,9 +158,9 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     assert benchmark(**params)["ran"] == []  # everything committed: nothing runs
     store = ShardStore(root / "store")
     victim = next(
-        m for m in store.manifests("bench", "leaderboard").values() if m.units[0][0] == "none|-|0|snli_ve"
+        m for m in store.manifests("bench", "p2-f2-b4").values() if m.units[0][0] == "none|-|0|snli_ve"
     )
-    store.drop("bench", "leaderboard", victim.shard)  # a cell lost (as if killed before its commit)
+    store.drop("bench", "p2-f2-b4", victim.shard)  # a cell lost (as if killed before its commit)
     assert benchmark(**params)["ran"] == ["none|-|0|snli_ve"]
     build_catalog(tasks_corpus.catalog, tasks_corpus.store)
     with connect(tasks_corpus.catalog) as db:
