@@ -75,11 +75,13 @@ def main() -> None:
     args = ap.parse_args()
     layout = DataLayout(args.data_dir.resolve()) if args.data_dir else DataLayout.default()
     store = ShardStore(layout.store)
-    print(f"{'task':18} {'shape':8} {'train':>6} {'test':>6} {'chance':>7} {'text only':>10} {'image only':>11}")
+    head = ("task", "shape", "train", "test", "chance", "text only", "image only")
+    print("{:18} {:8} {:>6} {:>6} {:>7} {:>10} {:>11}".format(*head))
     for task, split in TASKS.items():
         r = oracles(store, task, split)
+        shape = SCENE_TASKS[task].shape
         print(
-            f"{task:18} {SCENE_TASKS[task].shape:8} {r['n_train']:>6} {r['n_test']:>6} {100 * r['chance']:>6.1f}%"
+            f"{task:18} {shape:8} {r['n_train']:>6} {r['n_test']:>6} {100 * r['chance']:>6.1f}%"
             f" {100 * r['text']:>9.1f}% {100 * r['image']:>10.1f}%"
         )
 
