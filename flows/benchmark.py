@@ -7,7 +7,8 @@ task) cell is committed to the store with the hash of its config, so a re-run at
 the missing cells, and a killed benchmark resumes (an interrupted run resumes from its last checkpoint).
 
 Methods: ``none`` (no vision-language pre-training: the ALBEF backbone's encoders as they come, fine-tuned
-the same way), any pre-training method with pixel inputs, and ``unit`` (UniT: one multitask run over the
+the same way), any pre-training method (a region method's cells read the regions of the task images, made
+first where missing by the ``task-regions`` flow), and ``unit`` (UniT: one multitask run over the
 classification-shaped tasks, at the same number of steps per task as a single-task run, evaluated per task).
 Tasks (:data:`BENCH_TASKS`): easy-VQA and the bundled scene tasks, retrieval fine-tuned and zero-shot, and the
 pre-training run's own zero-shot retrieval on the held-out clip art.
@@ -232,6 +233,12 @@ def plan_chains(
     return chains
 
 
+def _reads_regions(cfg: TrainConfig) -> bool:
+    from vlp_core.models.backbones.region_stream import RegionStreamConfig
+
+    return isinstance(cfg.backbone_config(), RegionStreamConfig)
+
+
 def _rows(cell: Cell, metrics: dict[str, float], budget: dict[str, int]) -> pa.Table:
     bt = BENCH_TASKS[cell.task]
     prefix = f"{cell.task}/" if cell.method == "unit" else ""  # the multitask run's metrics
@@ -370,6 +377,14 @@ def benchmark(
         len(units) - len(todo), len(todo), sum(any(c.key in todo for c in ch.cells) for ch in chains),
     )  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(threads)  # each training child process
+    with_regions = sorted({
+        d for ch in chains for c in ch.cells if c.key in todo and _reads_regions(c.config)
+        for d in c.config.task.store_datasets()
+    })  # fmt: skip
+    if with_regions:  # region methods read the regions of the task images: make what is missing first
+        from flows.build_tasks import task_regions
+
+        task_regions(with_regions, data_dir=str(layout.root))
     # breadth first: every method's seed 0, then seed 1, ... (a stopped benchmark leaves whole seeds)
     pending = sorted(
         (ch for ch in chains if any(c.key in todo for c in ch.cells)), key=lambda ch: ch.cells[0].seed

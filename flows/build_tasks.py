@@ -18,7 +18,7 @@ from stores.shards import ShardStore
 from vlp_core.data import task_build
 from vlp_core.paths import DataLayout
 
-__all__ = ["build_tasks", "import_task"]
+__all__ = ["build_tasks", "import_task", "task_regions"]
 
 
 def _layout(data_dir: str | None) -> DataLayout:
@@ -55,6 +55,67 @@ def scene_shard(
     )
 
 
+@task(name="task-regions-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def task_regions_shard(
+    store_root: str,
+    name: str,
+    shard: str,
+    units: list[tuple[str, str]],
+    signature: str,
+    sources: dict[str, dict[str, Any]],
+    regions: dict[str, Any],
+) -> dict[str, int]:
+    from vlp_core.config import RegionsConfig
+
+    return task_build.build_task_regions_shard(
+        ShardStore(store_root), name, shard, units, signature, sources, RegionsConfig(**regions)
+    )
+
+
+@flow(name="task-regions", log_prints=True)
+def task_regions(
+    tasks: list[str] | None = None,
+    regions: dict[str, Any] | None = None,
+    shard_size: int = 128,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """The regions of every image of ``tasks`` (default: the bundled tasks), as the corpus regions stage
+    makes them (``regions``: :class:`~vlp_core.config.RegionsConfig` fields over its defaults), with a
+    referring task's candidate boxes as annotated regions: what region backbones (µ-VLA, U-VisualBERT,
+    VLMixer) read when they fine-tune on a downstream task. A re-run does only what is missing."""
+    from vlp_core.config import RegionsConfig
+    from vlp_core.data.scenes import SCENE_TASKS
+
+    log = get_run_logger()
+    layout = _layout(data_dir)
+    store = ShardStore(layout.store)
+    store.ensure_tables()
+    store.collect_garbage()
+    cfg = RegionsConfig(**(regions or {}))
+    t0, made = time.time(), {}
+    for name in tasks or list(SCENE_TASKS):
+        todo, done, signature, sources = task_build.plan_task_regions(store, name, cfg, shard_size)
+        log.info("%s: %d images; %d shards to build, %d committed", name, len(sources), len(todo), done)
+        futures = [
+            task_regions_shard.with_options(task_run_name=f"{name}-regions-{shard[:8]}").submit(
+                str(layout.store),
+                name,
+                shard,
+                units,
+                signature,
+                {u: sources[u] for u, _ in units},
+                cfg.model_dump(mode="json"),
+            )  # fmt: skip
+            for shard, units in todo
+        ]
+        for i, f in enumerate(futures, 1):
+            stats = f.result()
+            made[name] = made.get(name, 0) + stats.get("images", 0)
+            log.info("%s: regions shard %d/%d (%s)", name, i, len(todo), stats)
+    log.info("task regions in %.1fs: %s", time.time() - t0, made)
+    return {"images": made, "seconds": round(time.time() - t0, 1)}
+
+
 @flow(name="build-tasks", log_prints=True)
 def build_tasks(
     tasks: list[str] | None = None,
@@ -62,13 +123,15 @@ def build_tasks(
     scale: float = 1.0,
     seed: int = 0,
     shard_size: int = 200,
+    regions: bool = False,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Generate the bundled scene tasks (default: all of them) into the store.
 
     ``sizes``: examples per split per task over the defaults (``{"scene-pairs": {"train": 500}}``);
-    ``scale`` multiplies every default size (e.g. 0.1 for a quick look). Returns examples per split with
-    their label counts and chance level."""
+    ``scale`` multiplies every default size (e.g. 0.1 for a quick look); ``regions``: also make the regions
+    of their images (:func:`task_regions`, for region backbones). Returns examples per split with their
+    label counts and chance level."""
     from vlp_core.data.scenes import SCENE_TASKS
 
     log = get_run_logger()
@@ -100,6 +163,8 @@ def build_tasks(
             stats = f.result()
             built[name] = built.get(name, 0) + stats["examples"]
             log.info("%s: shard %d/%d (%d examples, %d images)", name, i, len(todo), *stats.values())
+    if regions:
+        task_regions(names, data_dir=str(layout.root))
     rows = _summary(layout, names)
     create_table_artifact(
         key="bundled-tasks",

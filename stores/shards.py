@@ -97,6 +97,8 @@ class ShardStore:
         return self.root / "_manifests" / _safe(stage) / _safe(source)
 
     def _data_file(self, table: str, stage: str, source: str, shard: str) -> Path:
+        if "-" in stage:  # the file name is <stage>-<shard>: readers split it at the first "-"
+            raise ValueError(f"bad stage name {stage!r}: no '-' allowed")
         return self.table_dir(table) / _safe(source) / f"{_safe(stage)}-{shard}.parquet"
 
     # -- tables

@@ -17,6 +17,7 @@ import pytest
 
 from stores.catalog import build_catalog, connect
 from stores.shards import ShardStore
+from vlp_core.data.task_data import read_task_examples
 from vlp_core.paths import REPO_ROOT, DataLayout
 
 TINY = {
@@ -225,3 +226,49 @@ def test_a_bundled_task_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_by
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {f: Path(f).read_bytes() for f in before} == before
+
+
+def test_region_methods_fine_tune_every_task_on_the_task_regions(tasks_corpus):
+    """The task-regions flow makes the regions of every bundled image (a re-run makes none), a referring
+    task's candidates stored as annotated regions right after the whole image; a region method
+    (U-VisualBERT from its packaged weights, no VLP) fine-tunes and evaluates every downstream task on
+    them, scoring each candidate as its own region; its text-only baseline keeps no image feature."""
+    from flows.build_tasks import task_regions
+    from vlp_core.tasks import build_spec
+    from vlp_core.train.config import load_train_config
+    from vlp_core.train.trainer import init_distributed
+
+    root = tasks_corpus.root
+    made = task_regions(data_dir=str(root))["images"]
+    assert set(made) == {"scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions"}
+    assert task_regions(data_dir=str(root))["images"] == {}  # all committed
+    store = ShardStore(tasks_corpus.store)
+    regions = store.read_table("regions", ["image_id", "region_idx", "label", "detector"]).to_pylist()
+    refs, _ = read_task_examples(store, "scene-refs", ["train", "val", "testA", "testB"])
+    annotated = [r for r in regions if r["detector"] == "annotated"]
+    assert {r["label"] for r in annotated} == {"candidate"} and len(annotated) == sum(
+        len(e.boxes) for e in refs
+    )
+    assert all(1 <= r["region_idx"] <= 4 for r in annotated)  # right after the whole image (0)
+
+    expect = {"nlvr2_scenes": "accuracy", "snli_ve_scenes": "accuracy", "gqa_scenes": "accuracy",
+              "refcoco_scenes": "accuracy_testB", "retrieval_scenes": "n_texts"}  # fmt: skip
+    for preset, key in expect.items():
+        run = root / "runs" / "train" / f"regions-{preset}"
+        cmd = [
+            sys.executable, "-m", "vlp_core.train", "--config", preset, "--set", "method=u-visualbert",
+            "--set", "init_from=null", "--set", f"run_dir={run}", "--set", "max_steps=2",
+            "--set", "batch_size=4", "--set", "data.num_workers=0",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(root), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert key in json.loads((run / "eval.json").read_text()), preset
+
+    cfg = load_train_config(
+        "refcoco_scenes",
+        {"method": "u-visualbert", "init_from": None, "data_dir": str(root), "task.blind": "text"},
+    )
+    sample = build_spec(cfg, init_distributed("cpu")).streams["pair"].dataset[0]
+    (image,) = sample["regions"]
+    assert not image["region_feats"].any() and len(image["region_feats"]) == 1 + len(sample["boxes"])
+    assert sample["cand_regions"].tolist() == list(range(1, 1 + len(sample["boxes"])))

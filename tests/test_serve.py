@@ -22,8 +22,8 @@ def test_deployment_run_through_cli_completes(prefect_stack, real):
     assert ls.returncode == 0, ls.stderr
     for name in (
         "build-corpus/nightly", "build-corpus/default", "build-corpus/smoke", "build-tasks/bundled",
-        "import-task/import", "benchmark/methods", "pretrain/unit", "finetune/nlvr2", "finetune/snli-ve",
-        "finetune/gqa", "finetune/refcoco", "finetune/retrieval-scenes",
+        "task-regions/regions", "import-task/import", "benchmark/methods", "pretrain/unit", "finetune/nlvr2",
+        "finetune/snli-ve", "finetune/gqa", "finetune/refcoco", "finetune/retrieval-scenes",
     ):  # fmt: skip
         assert name in ls.stdout
 

@@ -102,3 +102,39 @@ def test_multitask_model_holds_the_shared_backbone_once():
     assert bb.queries["snli_ve"].grad is not None and bb.queries["nlvr2"].grad is None
     assert set(out.metrics) == {"snli_ve/loss_cls", "snli_ve/accuracy"}
     assert bb.task == bb.config.tasks[0]  # the context restores the selected task
+
+
+def test_region_heads_score_candidate_regions_and_pass_each_image_alone():
+    """A region backbone: candidate k is scored from the fused state of region ``cand_regions[k]`` plus its
+    box (permuting the candidates permutes their scores), and NLVR2's two region sets are two passes."""
+    from vlp_core.models.backbones.region_stream import RegionInputs
+
+    bb = build_backbone(backbone_config({"kind": "region_stream"}, preset="tiny")).eval()
+    torch.manual_seed(0)
+    feats, boxes5 = torch.randn(1, 4, bb.config.region_dim), torch.rand(1, 4, 5)
+    regions = RegionInputs(feats, boxes5, torch.ones(1, 4, dtype=torch.long))
+    ids, mask = torch.randint(1000, 2000, (1, 5)), torch.ones(1, 5, dtype=torch.long)
+    scorer = BoxScorer(bb).eval()
+    assert scorer.regions and scorer.fused_image
+    boxes = torch.tensor([[[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]])
+    keep = torch.tensor([[True, True]])
+    with torch.no_grad():
+        s = scorer.scores(regions, ids, mask, boxes, keep, torch.tensor([[1, 2]]))
+        swapped = scorer.scores(regions, ids, mask, boxes.flip(1), keep, torch.tensor([[2, 1]]))
+        pair = bb.fuse(regions, ids, mask)
+        r = scorer.cell_proj(pair.image[:, [1, 2]])
+        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
+        r = r + scorer.box_proj(torch.cat([boxes, area], -1))
+        q = pair.pooled.unsqueeze(1).expand_as(r)
+        want = scorer.head(torch.cat([r, q, r * q], -1)).squeeze(-1)
+    assert torch.allclose(s, want, atol=1e-5) and torch.allclose(swapped, s.flip(1), atol=1e-5)
+    with pytest.raises(ValueError, match="cand_regions"):
+        scorer.scores(regions, ids, mask, boxes, keep)
+
+    two = RegionInputs(torch.stack([feats, feats.flip(1)], 1), torch.stack([boxes5, boxes5], 1),
+                       torch.ones(1, 2, 4, dtype=torch.long))  # fmt: skip
+    clf = FusedClassifier(bb, 2, n_images=2).eval()
+    with torch.no_grad():
+        got = clf.logits(two, ids, mask)
+        left, right = (bb.fuse(two[:, j], ids, mask).pooled for j in range(2))
+        assert torch.allclose(got, clf.head(torch.cat([left, right], -1)), atol=1e-5)

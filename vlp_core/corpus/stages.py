@@ -76,11 +76,20 @@ def vision_models(cfg) -> tuple:
         return _VISION[key]
 
 
-def region_rows(image_ids: list[str], jpegs: list[bytes], detector, extractor, cfg) -> ShardRows:
+def region_rows(
+    image_ids: list[str],
+    jpegs: list[bytes],
+    detector,
+    extractor,
+    cfg,
+    extra_boxes: list[np.ndarray] | None = None,
+) -> ShardRows:
     """Rows of ``regions`` and ``image_tags`` for one shard of distinct images.
 
-    Region 0 of every image is the whole image (label ``"image"``); then the detections by score. Tags are
-    the detector labels (de-duplicated, by score) followed, when ``cfg.imagenet_tags``, by the backbone's
+    Region 0 of every image is the whole image (label ``"image"``); then ``extra_boxes[i]`` if given (pixel
+    ``x1, y1, x2, y2`` of annotated boxes, e.g. a referring task's candidates: label ``"candidate"``,
+    detector ``"annotated"``, score 1, in the order given); then the detections by score. Tags are the
+    detector labels (de-duplicated, by score) followed, when ``cfg.imagenet_tags``, by the backbone's
     ImageNet classes above ``imagenet_min_prob``; the tag sentence (the retrieval query) joins them.
     """
     from vlp_core.corpus.images import load_rgb
@@ -91,20 +100,22 @@ def region_rows(image_ids: list[str], jpegs: list[bytes], detector, extractor, c
     rows = ShardRows(tables={"regions": [], "image_tags": []})
     images = [load_rgb(j) for j in jpegs]
     detections = detector.detect(images)
+    given = extra_boxes if extra_boxes is not None else [np.zeros((0, 4))] * len(images)
+    extra = [np.asarray(e, np.float32).reshape(-1, 4) for e in given]
     boxes = [
-        np.concatenate([whole_image_box(*im.size), detection_boxes(d)])
-        for im, d in zip(images, detections, strict=True)
+        np.concatenate([whole_image_box(*im.size), e, detection_boxes(d)])
+        for im, e, d in zip(images, extra, detections, strict=True)
     ]
     feats = extractor.extract(images, boxes)
-    for image_id, im, dets, b, f in zip(image_ids, images, detections, boxes, feats, strict=True):
+    for image_id, im, e, dets, b, f in zip(image_ids, images, extra, detections, boxes, feats, strict=True):
         b5 = box5(b, *im.size)
-        labels = ["image", *(d.label for d in dets)]
-        scores = [1.0, *(d.score for d in dets)]
+        labels = ["image", *["candidate"] * len(e), *(d.label for d in dets)]
+        scores = [1.0, *[1.0] * len(e), *(d.score for d in dets)]
+        made_by = ["whole", *["annotated"] * len(e), *[detector.name] * len(dets)]
         for i in range(len(b)):
             rows.tables["regions"].append({
                 "image_id": image_id, "region_idx": i, "label": labels[i], "score": float(scores[i]),
-                "box": b[i].tolist(), "box5": b5[i].tolist(),
-                "detector": "whole" if i == 0 else detector.name,
+                "box": b[i].tolist(), "box5": b5[i].tolist(), "detector": made_by[i],
                 "feature": f.regions[i].astype(np.float16),
             })  # fmt: skip
         tags: dict[str, tuple[float, str]] = {}

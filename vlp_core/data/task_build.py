@@ -9,6 +9,11 @@ inputs, parameters or code changed is dropped and redone.
 - **Bundled scenes** (stage ``tasks``, source = the task's name): units are the examples ``<split>/<i>``;
   example ``i`` and its images are a pure function of (task, split, i, seed, code), so any shard rebuilt
   alone, in any process, gives the same bytes. The scene images go into ``task_images`` with the examples.
+- **Task regions** (stage ``task_regions``, source = the task's name): what region backbones read of a
+  task's images, made as the corpus regions stage makes them (the whole image, then the detector's boxes,
+  RoIAlign features, tags) into the same ``regions`` / ``image_tags`` tables, keyed by the images' content
+  hash; a referring task's candidate boxes are added as annotated regions (1, 2, ... after the whole image),
+  so a region model scores each candidate as a region of its own.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from vlp_core.data.task_data import STORE_IMAGES
 __all__ = [
     "IMPORT_STAGE",
     "SCENE_STAGE",
+    "TASK_REGIONS_STAGE",
+    "build_task_regions_shard",
     "import_dataset",
+    "plan_task_regions",
+    "task_image_sources",
     "plan_scene_task",
     "build_scene_shard",
     "reject_rows",
@@ -38,6 +47,7 @@ __all__ = [
 
 IMPORT_STAGE = "import"
 SCENE_STAGE = "tasks"
+TASK_REGIONS_STAGE = "task_regions"  # no "-": data files are <stage>-<shard>.parquet
 
 
 def reject_rows(rejects: Sequence[TaskReject], stage: str, shard: str) -> list[dict[str, Any]]:
@@ -210,3 +220,89 @@ def build_scene_shard(
         seconds=time.time() - t0,
     )
     return stats
+
+
+# --------------------------------------------------------------------------- regions of task images
+
+
+def task_image_sources(store: ShardStore, task: str) -> dict[str, dict[str, Any]]:
+    """Every distinct image of ``task`` (all splits) by its store id (content hash): ``{"root", "name",
+    "boxes": the candidate boxes of the examples on it, in pixels, de-duplicated in order of first
+    appearance}``."""
+    from vlp_core.data.task_data import TaskImages, read_task_examples, task_splits
+
+    images = TaskImages(store, task)
+    examples, roots = read_task_examples(store, task, list(task_splits(store, task)))
+    out: dict[str, dict[str, Any]] = {}
+    ids: dict[tuple[str, str], str] = {}
+    for ex, root in zip(examples, roots, strict=True):
+        for j, name in enumerate(ex.images):
+            key = (root, name)
+            if key not in ids:
+                ids[key] = images.image_id(root, name)
+            src = out.setdefault(ids[key], {"root": root, "name": name, "boxes": []})
+            if j == 0:
+                for b in ex.boxes:
+                    box = [float(v) for v in b]
+                    if box not in src["boxes"]:
+                        src["boxes"].append(box)
+    return out
+
+
+def _regions_signature(cfg: Any) -> str:
+    from vlp_core.corpus import stages
+    from vlp_core.vision import detect, features
+
+    return stable_hash(cfg.model_dump(mode="json"), code_version(stages.region_rows, detect, features))
+
+
+def plan_task_regions(
+    store: ShardStore, task: str, cfg: Any, shard_size: int
+) -> tuple[list[tuple[str, list[tuple[str, str]]]], int, str, dict[str, dict[str, Any]]]:
+    """The shards still to build of the regions of ``task``'s images under the corpus regions config
+    ``cfg``: ``(todo, done, signature, sources)``. Units are the images (fingerprint: their candidate
+    boxes); stale shards are dropped here."""
+    sources = task_image_sources(store, task)
+    units = [(iid, stable_hash(src["boxes"])) for iid, src in sorted(sources.items())]
+    signature = _regions_signature(cfg)
+    plan = store.plan(TASK_REGIONS_STAGE, task, units, signature, shard_size)
+    for stale in plan.stale:
+        store.drop(TASK_REGIONS_STAGE, task, stale)
+    return plan.todo, len(plan.done), signature, sources
+
+
+def build_task_regions_shard(
+    store: ShardStore,
+    task: str,
+    shard: str,
+    units: list[tuple[str, str]],
+    signature: str,
+    sources: dict[str, dict[str, Any]],
+    cfg: Any,
+) -> dict[str, int]:
+    """Detect and featurise one shard of a task's images, exactly as the corpus regions stage does, with
+    the examples' candidate boxes as annotated regions right after the whole image (region 1, 2, ...);
+    commit them to the ``regions`` and ``image_tags`` tables (stage ``task_regions``, source = the task)."""
+    import numpy as np
+
+    from vlp_core.corpus.stages import region_rows, vision_models
+    from vlp_core.data.task_data import TaskImages
+
+    t0 = time.time()
+    images = TaskImages(store, task)
+    ids = [iid for iid, _ in units]
+    data = [images.data(sources[i]["root"], sources[i]["name"]) for i in ids]
+    extra = [np.asarray(sources[i]["boxes"], np.float32).reshape(-1, 4) for i in ids]
+    detector, extractor = vision_models(cfg)
+    rows = region_rows(ids, data, detector, extractor, cfg, extra_boxes=extra)
+    store.commit(
+        TASK_REGIONS_STAGE,
+        task,
+        shard,
+        signature,
+        units,
+        {name: _table(name, r) for name, r in rows.tables.items()},
+        stats=dict(rows.stats),
+        seconds=time.time() - t0,
+    )
+    return dict(rows.stats)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -33,6 +34,8 @@ __all__ = [
     "ExampleDataset",
     "ExamplePairDataset",
     "LabelVocab",
+    "RegionExampleCollator",
+    "RegionExampleDataset",
     "TaskImages",
     "dataset_version",
     "read_task_examples",
@@ -74,7 +77,8 @@ def dataset_version(store: ShardStore, task: str) -> str:
     if not files:
         raise ValueError(
             f"task {task!r} has no examples in the store {store.root}: build the bundled tasks (prefect "
-            "deployment run build-tasks/bundled, or vlp build-tasks) or import the dataset (vlp import-task ...)"
+            "deployment run build-tasks/bundled, or vlp build-tasks) or import the dataset (vlp "
+            "import-task ...)"
         )
     return stable_hash(files)
 
@@ -131,14 +135,27 @@ class TaskImages:
             self._stored = dict(zip(t["image"].to_pylist(), t["png"].to_pylist(), strict=True))
         return self._stored
 
-    def __call__(self, root: str, name: str):
-        from PIL import Image
-
+    def data(self, root: str, name: str) -> bytes:
+        """The image's file bytes (PNG for the bundled tasks)."""
         if root == STORE_IMAGES:
             data = self._load_stored().get(name)
             if data is None:
                 raise KeyError(f"task {self.task!r}: image {name!r} is not in the task_images table")
-            src: Any = io.BytesIO(data)
+            return data
+        return (Path(name) if Path(name).is_absolute() else Path(root) / name).read_bytes()
+
+    def image_id(self, root: str, name: str) -> str:
+        """The image's store id: the content hash of its bytes, as ingest computes it (its regions are
+        found by it)."""
+        from vlp_core.corpus.ingest import content_id
+
+        return content_id(self.data(root, name))
+
+    def __call__(self, root: str, name: str):
+        from PIL import Image
+
+        if root == STORE_IMAGES:
+            src: Any = io.BytesIO(self.data(root, name))
         else:
             src = Path(name) if Path(name).is_absolute() else Path(root) / name
         with Image.open(src) as im:
@@ -264,7 +281,9 @@ class ExampleCollator:
     def __init__(self, tokenizer: Any, max_len: int = 30):
         self.tokenizer, self.max_len = tokenizer, int(max_len)
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def text_and_targets(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Everything but the images: ``input_ids``, ``attention_mask``, ``labels``, ``boxes``,
+        ``box_mask``, ``target``, ``index``, ``sample_seed``."""
         enc = self.tokenizer(
             [s["text"] for s in samples],
             padding="longest",
@@ -273,9 +292,6 @@ class ExampleCollator:
             return_tensors="pt",
             return_token_type_ids=False,
         )
-        pixels = torch.stack([s["pixel_values"] for s in samples]).float()
-        if pixels.shape[1] == 1:
-            pixels = pixels[:, 0]
         k = max((len(s["boxes"]) for s in samples), default=0)
         boxes = torch.zeros((len(samples), k, 4), dtype=torch.float32)
         box_mask = torch.zeros((len(samples), k), dtype=torch.bool)
@@ -283,7 +299,6 @@ class ExampleCollator:
             n = len(s["boxes"])
             boxes[i, :n], box_mask[i, :n] = s["boxes"], True
         return {
-            "pixel_values": pixels,
             "input_ids": enc["input_ids"].long(),
             "attention_mask": enc["attention_mask"].long(),
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
@@ -294,14 +309,163 @@ class ExampleCollator:
             "sample_seed": torch.tensor([s["sample_seed"] for s in samples], dtype=torch.int64),
         }
 
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([s["pixel_values"] for s in samples]).float()
+        if pixels.shape[1] == 1:
+            pixels = pixels[:, 0]
+        return {"pixel_values": pixels, **self.text_and_targets(samples)}
+
+
+class RegionExampleDataset(Dataset):
+    """Task examples with their images as stored regions, for region backbones: the samples of
+    :class:`ExampleDataset` with, instead of ``pixel_values``, ``regions``: one
+    :meth:`~vlp_core.data.regions.RegionReader.sample` per image, and ``cand_regions`` ``(K,)``: where each
+    candidate box is among the first image's regions (the task-regions stage stores a referring task's
+    candidates as annotated regions; matched by their normalised corners).
+
+    ``cfg`` (a :class:`~vlp_core.data.regions.RegionConfig`) keeps at least every candidate.
+    ``blind``: ``"text"`` keeps the whole-image region and the candidates with zero features (the text
+    and, for referring tasks, the candidates' geometry, as grey pixels leave the pixel models); ``"image"``
+    empties the texts.
+
+    Raises:
+        ValueError: an image has no regions (the task-regions stage has not covered the task), or a
+            candidate box is not one of its image's regions.
+    """
+
+    def __init__(
+        self,
+        store: ShardStore,
+        examples: list[TaskExample],
+        roots: list[str],
+        images: TaskImages,
+        cfg: Any,
+        labels: LabelVocab | None = None,
+        seed: int = 0,
+        blind: str = "none",
+    ):
+        from dataclasses import replace
+
+        from vlp_core.data.regions import RegionReader
+
+        most = max((len(e.boxes) for e in examples), default=0)
+        cfg = replace(cfg, max_regions=max(cfg.max_regions, 1 + most))  # every candidate is kept
+        if blind not in ("none", "text", "image"):
+            raise ValueError(f"blind must be none, text or image, got {blind!r}")
+        self.examples, self.labels, self.seed, self.blind = examples, labels, int(seed), blind
+        ids: dict[tuple[str, str], str] = {}
+        for ex, root in zip(examples, roots, strict=True):
+            for name in ex.images:
+                if (root, name) not in ids:
+                    ids[(root, name)] = images.image_id(root, name)
+        self.image_ids = sorted(set(ids.values()))
+        where = {s: i for i, s in enumerate(self.image_ids)}
+        self._pos = [[where[ids[(r, n)]] for n in ex.images] for ex, r in zip(examples, roots, strict=True)]
+        try:
+            self.reader = RegionReader(store, self.image_ids, cfg)
+        except KeyError as exc:
+            task = examples[0].task if examples else "?"
+            raise ValueError(
+                f"task {task!r}: its images have no regions in the store ({exc}); make them with prefect "
+                "deployment run task-regions/regions (or build-tasks with regions=true)"
+            ) from None
+        self._cands: list[list[int]] = []
+        self._boxes: list[torch.Tensor] = []  # the candidates, normalised as ExampleDataset has them
+        for ex, root, pos in zip(examples, roots, self._pos, strict=True):
+            if not ex.boxes:
+                self._cands.append([])
+                self._boxes.append(torch.zeros((0, 4), dtype=torch.float32))
+                continue
+            w, h = images.size(root, ex.images[0])
+            boxes = (torch.tensor(ex.boxes, dtype=torch.float32) / torch.tensor([w, h, w, h])).clamp_(0, 1)
+            self._boxes.append(boxes)
+            self._cands.append(self._candidates(ex, pos[0], boxes.numpy()))
+
+    def _candidates(self, ex: TaskExample, pos: int, boxes: np.ndarray) -> list[int]:
+        stored = self.reader._boxes[pos][:, :4]  # noqa: SLF001 - the reader's kept boxes, normalised
+        labels = self.reader._labels[pos]  # noqa: SLF001
+        out = []
+        for b, want in zip(ex.boxes, boxes, strict=True):
+            close = np.abs(stored - want).max(axis=1) < 2e-3
+            hit = [i for i, lab in enumerate(labels) if lab == "candidate" and close[i]]
+            if not hit:
+                raise ValueError(
+                    f"{ex.task} {ex.split} {ex.example_id}: candidate box {b} is not among its image's "
+                    f"{len(stored)} kept regions: rebuild the task regions, or raise task.regions.max_regions"
+                )
+            out.append(hit[0])
+        return out
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _regions(self, pos: int, cands: list[int]) -> dict[str, Any]:
+        s = self.reader.sample(pos)
+        if self.blind != "text":
+            return s
+        keep = [0, *cands]
+        return {
+            **s,
+            "region_feats": np.zeros((len(keep), s["region_feats"].shape[1]), np.float32),
+            "region_boxes": s["region_boxes"][keep],
+        }
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        ex, index = self.examples[int(index)], int(index)
+        cands = self._cands[index]
+        regions = [self._regions(p, cands if j == 0 else []) for j, p in enumerate(self._pos[index])]
+        if self.blind == "text":
+            cands = list(range(1, len(cands) + 1))  # the kept candidates follow the whole image
+        return {
+            "regions": regions,
+            "text": "" if self.blind == "image" else ex.text,
+            "label": self.labels.index(ex.label) if self.labels is not None else -1,
+            "boxes": self._boxes[index],
+            "cand_regions": torch.tensor(cands, dtype=torch.int64),
+            "target": -1 if ex.target is None else int(ex.target),
+            "index": index,
+            "sample_seed": sample_seed(self.seed, epoch, index),
+        }
+
+
+class RegionExampleCollator(ExampleCollator):
+    """:class:`ExampleCollator` for :class:`RegionExampleDataset`: the regions padded to the batch's most,
+    ``region_feats`` ``(B, R, F)`` / ``region_boxes`` ``(B, R, 5)`` / ``region_mask`` ``(B, R)`` for one
+    image per example, ``(B, n, R, ...)`` for more; ``cand_regions`` ``(B, K)``, -1 padded."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = len(samples[0]["regions"])
+        r = max(len(g["region_feats"]) for s in samples for g in s["regions"])
+        f = samples[0]["regions"][0]["region_feats"].shape[1]
+        feats = torch.zeros((len(samples), n, r, f), dtype=torch.float32)
+        boxes5 = torch.zeros((len(samples), n, r, 5), dtype=torch.float32)
+        mask = torch.zeros((len(samples), n, r), dtype=torch.long)
+        for i, s in enumerate(samples):
+            for j, g in enumerate(s["regions"]):
+                k = len(g["region_feats"])
+                feats[i, j, :k] = torch.from_numpy(np.asarray(g["region_feats"], np.float32))
+                boxes5[i, j, :k] = torch.from_numpy(np.asarray(g["region_boxes"], np.float32))
+                mask[i, j, :k] = 1
+        if n == 1:
+            feats, boxes5, mask = feats[:, 0], boxes5[:, 0], mask[:, 0]
+        k = max((len(s["cand_regions"]) for s in samples), default=0)
+        cands = torch.full((len(samples), k), -1, dtype=torch.int64)
+        for i, s in enumerate(samples):
+            cands[i, : len(s["cand_regions"])] = s["cand_regions"]
+        regions = {"region_feats": feats, "region_boxes": boxes5, "region_mask": mask, "cand_regions": cands}
+        return {**self.text_and_targets(samples), **regions}
+
 
 class ExamplePairDataset(Dataset):
     """Captions of a retrieval task as pre-training-shaped pairs (what :class:`~vlp_core.data.PretrainCollator`
     takes): ``{"pixel_values": (3, S, S), "text", "image_key": the caption's image (group) number,
     "text_key": the example's number, "sample_seed"}``. Captions of one image share its ``image_key``, so
-    contrastive losses treat them as positives of each other (ALBEF's ``idx``)."""
+    contrastive losses treat them as positives of each other (ALBEF's ``idx``). Over a
+    :class:`RegionExampleDataset` the image is its regions instead (what
+    :class:`~vlp_core.data.regions.RegionCollator` takes: the region sample, no phrase links)."""
 
-    def __init__(self, examples: ExampleDataset):
+    def __init__(self, examples: ExampleDataset | RegionExampleDataset):
         self.examples = examples
         groups = sorted({e.group or e.images[0] for e in examples.examples})
         index = {g: i for i, g in enumerate(groups)}
@@ -312,8 +476,9 @@ class ExamplePairDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         s = self.examples[key]
+        image = {"pixel_values": s["pixel_values"][0]} if "pixel_values" in s else {**s["regions"][0], "links": []}
         return {
-            "pixel_values": s["pixel_values"][0],
+            **image,
             "text": s["text"],
             "image_key": self.image_keys[s["index"]],
             "text_key": s["index"],

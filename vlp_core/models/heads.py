@@ -9,6 +9,8 @@ the common, cheaper alternative (UNITER, VisualBERT, LXMERT) and what this head 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,13 +145,16 @@ class FusedClassifier(OnBackbone, nn.Module):
         self.head = mlp_head(width, num_classes, head_hidden or 2 * backbone.width, head_dropout)
 
     def logits(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, pixel_values: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``(B, 3, S, S)`` (one image) or ``(B, n, 3, S, S)`` pixels, text ``(B, L)`` -> ``(B, C)``."""
+        """``(B, 3, S, S)`` (one image) or ``(B, n, 3, S, S)`` pixels, or regions shaped alike (``(B, R, F)``
+        / ``(B, n, R, F)`` features, see :class:`~vlp_core.models.backbones.region_stream.RegionInputs`),
+        text ``(B, L)`` -> ``(B, C)``."""
         if self.n_images == 1:
             return self.head(self.backbone.fuse(pixel_values, input_ids, attention_mask).pooled)
-        if pixel_values.shape[1] != self.n_images:
-            raise ValueError(f"expected {self.n_images} images per example, got {pixel_values.shape[1]}")
+        per_example = (pixel_values.feats if hasattr(pixel_values, "feats") else pixel_values).shape[1]
+        if per_example != self.n_images:
+            raise ValueError(f"expected {self.n_images} images per example, got {per_example}")
         pooled = [
             self.backbone.fuse(pixel_values[:, j], input_ids, attention_mask).pooled
             for j in range(self.n_images)
@@ -211,26 +216,27 @@ def pool_cells(cells: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]) 
 class BoxScorer(OnBackbone, nn.Module):
     """Referring expressions: score every candidate box for the expression; the highest wins.
 
-    Candidate features come from **candidate-box pooling** over the image tokens of a grid backbone
+    Candidate features on a grid backbone come from **candidate-box pooling** over its image tokens
     (:func:`pool_cells`): the fused image states where the backbone's fusion produces them (single-stream
     VLMo and FLAVA: already conditioned on the expression), else the image encoder's tokens (ALBEF's
-    cross-attention fusion outputs text states only). Each candidate ``r`` (plus an embedding of its box
-    ``x1, y1, x2, y2, area``) is projected to the fused width and scored with the fused vector ``q`` by an
-    MLP over ``[r, q, r * q]``. Loss: cross-entropy over the candidates; a prediction is correct when its
-    box has IoU > 0.5 with the target's (the RefCOCO protocol).
+    cross-attention fusion outputs text states only). A region backbone scores the candidates as regions
+    of their own (the task-regions stage adds them to the image's regions; ``cand_regions`` says which):
+    the candidate's fused region state, as UNITER and VisualBERT do on RefCOCO+. Each candidate ``r`` (plus
+    an embedding of its box ``x1, y1, x2, y2, area``) is projected to the fused width and scored with the
+    fused vector ``q`` by an MLP over ``[r, q, r * q]``. Loss: cross-entropy over the candidates; a
+    prediction is correct when its box has IoU > 0.5 with the target's (the RefCOCO protocol).
     """
 
     def __init__(self, backbone: Backbone, *, head_hidden: int | None = None, head_dropout: float = 0.0):
         super().__init__()
-        if backbone.image_input_kind != "pixels" or backbone.image_grid is None:
+        self.regions = backbone.image_input_kind == "regions"
+        if not self.regions and backbone.image_grid is None:
             raise ValueError(
-                f"{type(backbone).__name__}: candidate-box pooling needs a grid of image tokens (a pixels "
-                "backbone); region backbones would score the candidates as their regions, which needs the "
-                "candidates' region features (not built yet)"
+                f"{type(backbone).__name__}: candidate-box pooling needs a grid of image tokens, or regions"
             )
         self.backbone = backbone
         width = backbone.width
-        self.fused_image = backbone.fused_image_states
+        self.fused_image = backbone.fused_image_states or self.regions
         cell_width = width if self.fused_image else backbone.image_width
         self.cell_proj = nn.Linear(cell_width, width)
         self.box_proj = nn.Linear(5, width)
@@ -238,18 +244,28 @@ class BoxScorer(OnBackbone, nn.Module):
 
     def scores(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: Any,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         boxes: torch.Tensor,
         box_mask: torch.Tensor,
+        cand_regions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(B, K)`` candidate scores (padding candidates at -inf)."""
-        image = self.backbone.encode_image(pixel_values)
-        pair = self.backbone.encode_pair(image, self.backbone.encode_text(input_ids, attention_mask))
-        tokens = pair.image if self.fused_image else image.tokens
-        cells = tokens[:, 1:]  # the global token first, then the grid
-        feats = pool_cells(cells.float(), boxes.float(), self.backbone.image_grid).to(tokens.dtype)
+        """``(B, K)`` candidate scores (padding candidates at -inf); ``cand_regions`` ``(B, K)``: each
+        candidate's region position (region backbones)."""
+        if self.regions:
+            if cand_regions is None:
+                raise ValueError("a region backbone scores candidate regions: the batch needs cand_regions")
+            pair = self.backbone.fuse(pixel_values, input_ids, attention_mask)
+            states = pair.image
+            idx = cand_regions.clamp(min=0).unsqueeze(-1).expand(-1, -1, states.shape[-1])
+            feats = states.gather(1, idx)
+        else:
+            image = self.backbone.encode_image(pixel_values)
+            pair = self.backbone.encode_pair(image, self.backbone.encode_text(input_ids, attention_mask))
+            tokens = pair.image if self.fused_image else image.tokens
+            cells = tokens[:, 1:]  # the global token first, then the grid
+            feats = pool_cells(cells.float(), boxes.float(), self.backbone.image_grid).to(tokens.dtype)
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
         r = self.cell_proj(feats) + self.box_proj(torch.cat([boxes, area], -1).to(feats.dtype))
         q = pair.pooled.unsqueeze(1).expand_as(r)
@@ -266,8 +282,8 @@ class BoxScorer(OnBackbone, nn.Module):
         stage: str | None = None,
     ) -> ModelOutput:
         s = self.scores(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["boxes"],
-            batch["box_mask"],
+            self.image_batch(batch), batch["input_ids"], batch["attention_mask"], batch["boxes"],
+            batch["box_mask"], batch.get("cand_regions"),
         )  # fmt: skip
         target = batch["target"]
         loss = F.cross_entropy(s, target)

@@ -1,12 +1,14 @@
-"""The downstream tasks over the store's ``task_examples``, for any pixels backbone:
+"""The downstream tasks over the store's ``task_examples``, for any backbone (pixels, or the regions the
+task-regions stage makes of the task's images for region backbones):
 
 - ``nlvr2``: a statement about two images, true / false (:class:`~vlp_core.models.FusedClassifier` over two
   fused passes); accuracy.
 - ``snli_ve``: image premise + hypothesis, entailment / neutral / contradiction; accuracy.
 - ``gqa``: answer classification over the most frequent training answers; exact-match accuracy (an answer
   outside the vocabulary is wrong), also per question type.
-- ``refcoco``: score each candidate box for the expression (:class:`~vlp_core.models.BoxScorer`, candidate-box
-  pooling); accuracy = IoU > 0.5 with the target box, per split (RefCOCO+: val, testA, testB).
+- ``refcoco``: score each candidate box for the expression (:class:`~vlp_core.models.BoxScorer`: candidate-box
+  pooling on grid backbones, the candidates' own regions on region backbones); accuracy = IoU > 0.5 with the
+  target box, per split (RefCOCO+: val, testA, testB).
 
 Each task names a ``dataset`` (a task in the store: a bundled scene task by default, or a real dataset
 imported with ``vlp import-task``), the split it trains on and the splits it is evaluated on. Image-text
@@ -27,17 +29,26 @@ from torch import nn
 from stores.shards import ShardStore
 from vlp_core.data import eval_transform, load_tokenizer, train_transform
 from vlp_core.data.examples import ENTAILMENT_LABELS, NLVR2_LABELS
+from vlp_core.data.regions import RegionConfig
 from vlp_core.data.task_data import (
     ExampleCollator,
     ExampleDataset,
     LabelVocab,
+    RegionExampleCollator,
+    RegionExampleDataset,
     TaskImages,
     read_task_examples,
 )
 from vlp_core.models import BoxScorer, FusedClassifier, build_backbone
 from vlp_core.models.heads import ref_hits
 from vlp_core.recipes import Stage
-from vlp_core.tasks.base import TaskConfig, load_backbone_weights_, register_task, resolve_init
+from vlp_core.tasks.base import (
+    TaskConfig,
+    fit_region_stats_,
+    load_backbone_weights_,
+    register_task,
+    resolve_init,
+)
 from vlp_core.train.spec import Stream, TrainSpec
 
 __all__ = ["ExampleTask", "GQATask", "NLVR2Task", "RefTask", "SNLIVETask"]
@@ -61,6 +72,10 @@ class ExampleTask(TaskConfig):
         "none",
         description="single-modality baselines, in training and evaluation alike: text = every image "
         "replaced by a uniform grey one (a text-only model), image = every text empty (an image-only one)",
+    )
+    regions: dict[str, Any] = Field(
+        default_factory=dict,
+        description="RegionConfig fields (region backbones; max_regions is raised to fit every candidate)",
     )
 
     def store_datasets(self) -> list[str]:
@@ -93,14 +108,6 @@ class RefTask(ExampleTask):
     eval_splits: list[str] = Field(default_factory=lambda: ["val", "testA", "testB"], min_length=1)
 
 
-def _pixels_only(backbone: nn.Module, kind: str) -> None:
-    if backbone.image_input_kind != "pixels":
-        raise ValueError(
-            f"task {kind}: {type(backbone).__name__} reads regions; the downstream tasks feed pixels (the "
-            "region inputs of task images are not built yet): fine-tune a pixels method (albef, vlmo, flava)"
-        )
-
-
 def _transforms(config: Any, model: nn.Module) -> tuple[Callable, Callable]:
     test = eval_transform(model.image_size, model.image_mean, model.image_std)
     if config.task.augment == "none":
@@ -125,7 +132,7 @@ def _build_examples(
     store = ShardStore(config.layout().store)
     given = backbone is not None
     backbone = backbone if given else build_backbone(config.backbone_config())
-    _pixels_only(backbone, task.kind)
+    region = backbone.image_input_kind == "regions"
     backbone.use_task(task.kind)
     train_ex, train_roots = read_task_examples(store, task.dataset, [task.train_split])
     vocab = labels(train_ex) if callable(labels) else labels
@@ -136,8 +143,22 @@ def _build_examples(
         load_backbone_weights_(backbone, init)
     model = make_model(backbone, vocab)
     images = TaskImages(store, task.dataset)
-    train_tf, test_tf = _transforms(config, model)
-    collate = ExampleCollator(load_tokenizer(), config.data.max_len)
+    if region:
+        # Regions are the image (made by the task-regions stage); no augmentation.
+        region_cfg = RegionConfig(**task.regions)
+        collate: Callable = RegionExampleCollator(load_tokenizer(), config.data.max_len)
+
+        def dataset(ex: list[Any], roots: list[str], train: bool) -> Any:
+            seed = config.seed if train else 0
+            return RegionExampleDataset(store, ex, roots, images, region_cfg, vocab, seed, task.blind)
+    else:
+        train_tf, test_tf = _transforms(config, model)
+        collate = ExampleCollator(load_tokenizer(), config.data.max_len)
+
+        def dataset(ex: list[Any], roots: list[str], train: bool) -> Any:
+            tf, seed = (train_tf, config.seed) if train else (test_tf, 0)
+            return ExampleDataset(ex, roots, images, tf, vocab, seed=seed, blind=task.blind)
+
     if vocab is not None and env.is_main:
         run_dir = config.resolved_run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +172,7 @@ def _build_examples(
             if task.eval_examples is not None:
                 ex, roots = ex[: task.eval_examples], roots[: task.eval_examples]
             loader = torch.utils.data.DataLoader(
-                ExampleDataset(ex, roots, images, test_tf, vocab, blind=task.blind),
+                dataset(ex, roots, train=False),
                 batch_size=config.eval.batch_size,
                 collate_fn=collate,
                 num_workers=config.data.num_workers,
@@ -174,14 +195,14 @@ def _build_examples(
         out["accuracy"] = correct_all / max(1, n_all)
         return out
 
-    train_set = ExampleDataset(
-        train_ex, train_roots, images, train_tf, vocab, seed=config.seed, blind=task.blind
-    )
+    train_set = dataset(train_ex, train_roots, train=True)
+    fitted = fit_region_stats_(backbone, store, train_set.image_ids) if region else {}
     info = {
         "dataset": task.dataset,
         "train_examples": len(train_ex),
         "labels": None if vocab is None else len(vocab),
         "init_from": config.init_from,
+        **fitted,
     }
     return TrainSpec(
         model=model,
@@ -198,11 +219,11 @@ def _hits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-example correctness of a batch: arg-max = label, or the chosen box's IoU > 0.5 with the target."""
     if isinstance(model, BoxScorer):
         s = model.scores(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["boxes"],
-            batch["box_mask"],
+            model.image_batch(batch), batch["input_ids"], batch["attention_mask"], batch["boxes"],
+            batch["box_mask"], batch.get("cand_regions"),
         )  # fmt: skip
         return ref_hits(s, batch["boxes"], batch["target"])
-    logits = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    logits = model.logits(model.image_batch(batch), batch["input_ids"], batch["attention_mask"])
     return logits.argmax(-1) == batch["labels"]
 
 

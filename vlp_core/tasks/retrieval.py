@@ -18,18 +18,22 @@ from torch import nn
 
 from stores.shards import ShardStore
 from vlp_core.data import PairsConfig, PretrainCollator, eval_transform, load_tokenizer, train_transform
+from vlp_core.data.regions import RegionConfig
 from vlp_core.data.task_data import (
     ExampleDataset,
     ExamplePairDataset,
+    RegionExampleCollator,
+    RegionExampleDataset,
     TaskImages,
     read_task_examples,
     retrieval_groups,
 )
 from vlp_core.eval import RetrievalSet
+from vlp_core.models.backbones.region_stream import RegionInputs
 from vlp_core.models.configs import config_from_dict
 from vlp_core.recipes import Stage, build_recipe
 from vlp_core.tasks.base import TaskConfig, fit_region_stats_, register_task
-from vlp_core.tasks.pretrain import load_init_, pair_stream, retrieval_eval, score_retrieval
+from vlp_core.tasks.pretrain import load_init_, pair_stream, region_collator, retrieval_eval, score_retrieval
 from vlp_core.train.spec import Stream, TrainSpec
 
 __all__ = ["RetrievalTask", "retrieval_recipe_config"]
@@ -100,22 +104,27 @@ register_task("retrieval", RetrievalTask, _build)
 def _build_captions(config: Any, store: ShardStore, model: Any) -> TrainSpec:
     """Retrieval on a caption task of the store (``task.dataset``)."""
     task: RetrievalTask = config.task
-    if model.image_input_kind != "pixels":
-        raise ValueError(
-            f"retrieval on {task.dataset}: {config.method} reads regions, and the region inputs of task "
-            "images are not built yet; use a pixels method (albef, vlmo, flava)"
-        )
+    region = model.image_input_kind == "regions"
     tokenizer = load_tokenizer()
     images = TaskImages(store, task.dataset)
     train_ex, train_roots = read_task_examples(store, task.dataset, [task.train_split])
     if config.data.limit is not None:
         train_ex, train_roots = train_ex[: config.data.limit], train_roots[: config.data.limit]
-    transform = train_transform(
-        model.image_size, model.image_mean, model.image_std, scale=tuple(config.data.crop_scale), hflip=False,
-        randaugment=config.data.randaugment,
-    )  # fmt: skip
-    pairs = ExamplePairDataset(ExampleDataset(train_ex, train_roots, images, transform, seed=config.seed))
-    collate = PretrainCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
+    fitted: dict[str, int] = {}
+    if region:
+        # the regions the task-regions stage made of the task's images; no augmentation
+        region_cfg = RegionConfig(**task.regions)
+        shown_set = RegionExampleDataset(store, train_ex, train_roots, images, region_cfg, seed=config.seed)
+        fitted = fit_region_stats_(model.backbone, store, shown_set.image_ids)
+        pairs = ExamplePairDataset(shown_set)
+        collate: Any = region_collator(config, tokenizer)
+    else:
+        transform = train_transform(
+            model.image_size, model.image_mean, model.image_std, scale=tuple(config.data.crop_scale),
+            hflip=False, randaugment=config.data.randaugment,
+        )  # fmt: skip
+        pairs = ExamplePairDataset(ExampleDataset(train_ex, train_roots, images, transform, seed=config.seed))
+        collate = PretrainCollator(tokenizer, config.data.max_len, whole_word=config.data.whole_word_mask)
 
     def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
         ex, roots = read_task_examples(store, task.dataset, [task.eval_split])
@@ -124,9 +133,15 @@ def _build_captions(config: Any, store: ShardStore, model: Any) -> TrainSpec:
             keep = [i for i, g in enumerate(image_of) if g < task.eval_images]
             ex, roots, image_of = [ex[i] for i in keep], [roots[i] for i in keep], [image_of[i] for i in keep]
             first = first[: task.eval_images]
-        tf = eval_transform(model.image_size, model.image_mean, model.image_std)
-        shown = ExampleDataset([ex[i] for i in first], [roots[i] for i in first], images, tf)
-        pixels = torch.stack([shown[i]["pixel_values"][0] for i in range(len(shown))])
+        shown_ex, shown_roots = [ex[i] for i in first], [roots[i] for i in first]
+        if region:
+            shown_regions = RegionExampleDataset(store, shown_ex, shown_roots, images, region_cfg)
+            batch = RegionExampleCollator(tokenizer)([shown_regions[i] for i in range(len(shown_regions))])
+            pixels: Any = RegionInputs.from_batch(batch)
+        else:
+            tf = eval_transform(model.image_size, model.image_mean, model.image_std)
+            shown = ExampleDataset(shown_ex, shown_roots, images, tf)
+            pixels = torch.stack([shown[i]["pixel_values"][0] for i in range(len(shown))])
         data = RetrievalSet.from_pairs(image_of, range(len(ex)), len(first), len(ex))
         out = score_retrieval(model, config, tokenizer, pixels, [e.text for e in ex], data, device)
         return {f"{task.eval_split}_{k}" if k.startswith(("itc", "itm")) else k: v for k, v in out.items()}
@@ -137,6 +152,7 @@ def _build_captions(config: Any, store: ShardStore, model: Any) -> TrainSpec:
         "train_images": len(set(pairs.image_keys)),
         "init_from": config.init_from,
         "losses": sorted(k for k, w in model.config.loss_weights().items() if w),
+        **fitted,
     }
     return TrainSpec(
         model=model,
