@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
+import pyarrow as pa
 import pytest
 
 from stores.catalog import build_catalog, connect
+from stores.schemas import schema_of
 from stores.shards import ShardStore
 from vlp_core.data.task_data import read_task_examples
 from vlp_core.paths import REPO_ROOT, DataLayout
@@ -204,10 +206,15 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
 
 def test_a_bundled_task_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_bytes(tasks_corpus, tmp_path):
     """Drop one committed shard of every bundled task and rebuild it in a fresh process from its manifest's
-    units alone: its data files are byte-identical to the first build's."""
+    units alone: its data files are byte-identical to the first build's, and the tasks' data versions (what
+    benchmark runs are keyed by) are unchanged; a changed example changes its task's version."""
+    from vlp_core.data.task_data import dataset_version
+
     store = ShardStore(tasks_corpus.store)
+    names = ("scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions")
+    versions = {t: dataset_version(store, t) for t in names}
     before, shards = {}, []
-    for task in ("scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions"):
+    for task in names:
         m = sorted(store.manifests("tasks", task).values(), key=lambda m: m.shard)[0]
         files = [store.root / o["file"] for o in m.outputs.values() if o["file"]]
         before.update({str(f): f.read_bytes() for f in files})
@@ -226,6 +233,20 @@ def test_a_bundled_task_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_by
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {f: Path(f).read_bytes() for f in before} == before
+    assert {t: dataset_version(store, t) for t in names} == versions
+    (ex, *_), _ = read_task_examples(store, "scene-pairs", ["val"])
+    flipped = "true" if ex.label == "false" else "false"
+
+    def version_of(label: str, shard: str, where: str) -> str:
+        one = ShardStore(tmp_path / where)
+        row = {**ex.row(), "image_root": "/images", "label": label}
+        table = pa.Table.from_pylist([row], schema=schema_of("task_examples"))
+        one.commit("tasks", "scene-pairs", shard, "sig", [("val/0", "0")], {"task_examples": table})
+        return dataset_version(one, "scene-pairs")
+
+    same = version_of(ex.label, "a", "one")
+    assert version_of(ex.label, "b", "two") == same  # content, not shard names
+    assert version_of(flipped, "a", "three") != same
 
 
 def test_region_methods_fine_tune_every_task_on_the_task_regions(tasks_corpus):

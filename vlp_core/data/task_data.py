@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from stores.shards import ShardStore, stable_hash
+from stores.shards import ShardStore
 from vlp_core.data.examples import TaskExample
 from vlp_core.data.sampler import sample_seed
 
@@ -61,26 +61,31 @@ def _filtered(store: ShardStore, table: str, task: str, splits: Sequence[str] | 
 
 
 def dataset_version(store: ShardStore, task: str) -> str:
-    """A fingerprint of ``task``'s examples in the store: the hash of the committed shards that hold them. A
-    shard's name hashes its stage, source, signature (parameters and generator / reader code) and units
-    (input file sizes and times for imports), so a rebuilt or re-imported dataset gets a new version and an
-    unchanged one keeps it. Images in folders outside the store are not part of it.
+    """A fingerprint of ``task``'s data in the store: the hash of its examples (every column, in split and
+    id order) and of its stored images (name and bytes). It depends on the content only, not on how or in
+    which shards it was built: a rebuild that gives the same bytes (the bundled tasks are deterministic)
+    keeps it, any changed example or image changes it. Images in folders outside the store are named (the
+    ``image_root`` column) but not read.
 
     Raises:
         ValueError: when the store has no examples of ``task``.
     """
-    files = []
-    for f in store.committed_files("task_examples"):
-        t = pq.read_table(f, columns=["task"])
-        if pc.any(pc.equal(t["task"], task)).as_py():
-            files.append(f.relative_to(store.root).as_posix())
-    if not files:
+    import hashlib
+    import json
+
+    rows = _filtered(store, "task_examples", task).to_pylist()
+    if not rows:
         raise ValueError(
             f"task {task!r} has no examples in the store {store.root}: build the bundled tasks (prefect "
             "deployment run build-tasks/bundled, or vlp build-tasks) or import the dataset (vlp "
             "import-task ...)"
         )
-    return stable_hash(files)
+    rows.sort(key=lambda r: (r["split"], r["example_id"]))
+    h = hashlib.blake2b(json.dumps(rows, sort_keys=True, default=str).encode(), digest_size=16)
+    images = _filtered(store, "task_images", task)
+    for name, png in sorted(zip(images["image"].to_pylist(), images["png"].to_pylist(), strict=True)):
+        h.update(name.encode() + b"\0" + hashlib.blake2b(png, digest_size=16).digest())
+    return h.hexdigest()
 
 
 def task_splits(store: ShardStore, task: str) -> dict[str, int]:
