@@ -183,11 +183,13 @@ def import_task(
     name: str | None = None,
     check_images: bool = True,
     options: dict[str, Any] | None = None,
+    regions: bool = False,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Import a real dataset (``kind``: nlvr2 | snli_ve | refcoco | gqa | karpathy) from its ``files`` with
     images under ``images``, as the task ``name`` (default the dataset's own name). Bad records become
-    ``rejects`` rows (stage ``import``); re-importing unchanged files does nothing."""
+    ``rejects`` rows (stage ``import``); re-importing unchanged files does nothing. ``regions``: also make
+    the regions of its images (:func:`task_regions`, for region backbones)."""
     log = get_run_logger()
     layout = _layout(data_dir)
     store = ShardStore(layout.store)
@@ -206,6 +208,8 @@ def import_task(
                 [out["shard"]],
             ).fetchall()
         ]
+    if regions:
+        task_regions([out["task"]], data_dir=str(layout.root))
     rows = _summary(layout, [out["task"]])
     key = "import-" + "".join(c if c.isalnum() else "-" for c in out["task"].lower())
     create_table_artifact(key=key, table=rows + rejects, description=f"{kind} import: examples and rejects")

@@ -114,13 +114,14 @@ def build_tasks_cmd(
     ] = None,
     scale: Annotated[float, typer.Option(help="multiply every split's default size")] = 1.0,
     seed: Annotated[int, typer.Option(help="the tasks' generation seed")] = 0,
+    regions: Annotated[bool, typer.Option(help="also make their images' regions (region methods)")] = False,
 ) -> None:
     """Build the bundled scene tasks (NLVR2-, SNLI-VE-, RefCOCO+-, GQA- and Karpathy-shaped) into the store,
     resuming where a previous build stopped."""
     console.print(f"[cyan]{_choose_api()}")
     from flows.build_tasks import build_tasks
 
-    result = build_tasks(tasks=task or None, scale=scale, seed=seed)
+    result = build_tasks(tasks=task or None, scale=scale, seed=seed, regions=regions)
     _print_rows(result["summary"], "bundled tasks: examples, labels and chance per split")
 
 
@@ -135,6 +136,7 @@ def import_task_cmd(
         str | None, typer.Option(help="the task's name in the store (default: the dataset's)")
     ] = None,
     check_images: Annotated[bool, typer.Option(help="reject examples whose image file is missing")] = True,
+    regions: Annotated[bool, typer.Option(help="also make its images' regions (region methods)")] = False,
 ) -> None:
     """Import a real downstream dataset from its files; bad records become rows of the rejects table."""
     from vlp_core.data.formats import READERS
@@ -147,7 +149,9 @@ def import_task_cmd(
     console.print(f"[cyan]{_choose_api()}")
     from flows.build_tasks import import_task
 
-    result = import_task(kind=kind, files=list(file), images=images, name=name, check_images=check_images)
+    result = import_task(
+        kind=kind, files=list(file), images=images, name=name, check_images=check_images, regions=regions
+    )
     if result["skipped"]:
         console.print(f"{result['task']}: already imported from these files (nothing to do)")
     _print_rows(result["summary"], f"{result['task']}: examples per split")
