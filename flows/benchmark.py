@@ -321,9 +321,11 @@ def run_chain(
             zero_shot = bt.zero_shot and cell.method != "unit"
             prune = "none" if keep_checkpoints else "all"
             metrics = _result(cell.config, zero_shot=zero_shot, prune=prune)["eval"]
-        _commit(store, cell, todo[cell.key], _rows(cell, metrics, budget), budget_source(budget))
+        table = _rows(cell, metrics, budget)
+        _commit(store, cell, todo[cell.key], table, budget_source(budget))
         done.append(cell.key)
-        log.info("%s done: %s", cell.key, BENCH_TASKS[cell.task].headline_of(metrics))
+        head = next((r for r in table.to_pylist() if r["headline"]), None)
+        log.info("%s done: %s", cell.key, f"{head['metric']} {head['value']:.4f}" if head else "no headline")
     return done
 
 
