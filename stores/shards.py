@@ -40,12 +40,28 @@ def stable_hash(*parts: Any, n: int = 16) -> str:
     return h.hexdigest()
 
 
+def _module_source(module: Any) -> bytes:
+    """A module's file, or for a package (``__file__`` is its ``__init__.py``) every ``.py`` file under the
+    package's directory, in sorted relative-path order, each preceded by its relative path and size."""
+    path = Path(module.__file__)
+    if path.name != "__init__.py":
+        return path.read_bytes()
+    root = path.parent
+    out = []
+    for rel, file in sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*.py")):
+        data = file.read_bytes()
+        out.append(f"{rel}\0{len(data)}\0".encode() + data)
+    return b"".join(out)
+
+
 def code_version(*parts: Any) -> str:
     """Hash of the source of ``parts`` (modules, or single functions where a module holds several stages):
-    a change to that code re-keys the shards it produced, and only those."""
+    a change to that code re-keys the shards it produced, and only those. A module is hashed by its file; a
+    package by every ``.py`` file under its directory (sorted by relative path, each preceded by that path),
+    so a change in any of its submodules changes the version."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
-        h.update(Path(p.__file__).read_bytes() if inspect.ismodule(p) else inspect.getsource(p).encode())
+        h.update(_module_source(p) if inspect.ismodule(p) else inspect.getsource(p).encode())
     return h.hexdigest()
 
 

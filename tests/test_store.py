@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
+import sys
+import uuid
 
 import duckdb
 import faiss
@@ -11,7 +15,7 @@ import pytest
 
 from stores.catalog import build_catalog, connect
 from stores.faiss_store import FaissStore, choose_factory, search
-from stores.shards import ShardStore, to_table
+from stores.shards import ShardStore, code_version, to_table
 
 
 def _texts(*pairs):
@@ -100,6 +104,47 @@ def test_commit_casts_to_schema_and_rejects_bad_names(tmp_path):
         store.commit("ingest", "../evil", "k", "sig", [], {})
     with pytest.raises(KeyError, match="unknown table"):
         store.commit("ingest", "s", "k", "sig", [], {"nope": _texts()})
+
+
+def test_code_version_of_a_package_covers_every_submodule(tmp_path, monkeypatch):
+    """A module is hashed by its file (as before packages were covered); a package by every ``.py`` file
+    under its directory, so editing, adding or renaming any submodule changes its version."""
+    name = f"cv_pkg_{uuid.uuid4().hex}"  # a fresh package name: no stale module cache between runs
+    root = tmp_path / name
+    (root / "inner").mkdir(parents=True)
+    files = {
+        "__init__.py": "from .a import f\n",
+        "a.py": "def f():\n    return 1\n",
+        "inner/__init__.py": "",
+        "inner/b.py": "X = 1\n",
+    }
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        pkg = importlib.import_module(name)
+        sub = importlib.import_module(f"{name}.a")
+        assert pkg.__file__.endswith("__init__.py") and pkg.f() == 1
+        # a plain module: the hash of its file's bytes, as it always was
+        assert code_version(sub) == hashlib.blake2b((root / "a.py").read_bytes(), digest_size=8).hexdigest()
+        base = code_version(pkg)
+        assert code_version(pkg) == base != code_version(sub)
+        seen = {base}
+        for rel, text in [("a.py", "def f():\n    return 2\n"), ("inner/b.py", "X = 2\n")]:
+            (root / rel).write_text(text)  # code_version reads the files: no reload needed
+            got = code_version(pkg)
+            assert got not in seen, rel
+            seen.add(got)
+            (root / rel).write_text(files[rel])
+            assert code_version(pkg) == base
+        (root / "inner" / "c.py").write_text("")  # a new (empty) submodule
+        assert code_version(pkg) not in seen
+        (root / "inner" / "c.py").unlink()
+        (root / "inner" / "b.py").rename(root / "inner" / "d.py")  # same bytes, another module
+        assert code_version(pkg) not in seen
+    finally:
+        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[mod]
 
 
 def test_catalog_views_dedup_and_empty_store(tmp_path):

@@ -158,6 +158,8 @@ def _table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _scene_signature(task: str, seed: int) -> str:
+    """``scenes`` is a package: its code version covers every module of it (sprites, composition, each
+    task's generator), so a change to any of them re-keys the task's shards."""
     from vlp_core.data import scenes
 
     return stable_hash(task, seed, code_version(scenes, examples_module, build_scene_shard))
