@@ -1,5 +1,5 @@
-"""Training-step benchmark at a fixed model shape: exactly ``zero_grad`` + forward + backward + optimiser step,
-on the same synthetic batches, nothing else (no data loading, no scheduler, no clipping, no logging).
+"""Training-step benchmark at a fixed model shape: exactly ``zero_grad`` + forward + backward + optimiser
+step, on the same synthetic batches, nothing else (no data loading, no scheduler, no clipping, no logging).
 
 The default shape is the **reference tiny ALBEF** the official code can be built at (``--shape reference``):
 ViT 192 wide, 4 layers, 3 heads, patch 16 at 128 px; BERT 256 wide, 4 heads, 1,024 feed-forward, 2 text + 2
@@ -50,7 +50,8 @@ REFERENCE_BACKBONE = {
     "kind": "dual_stream",
     "vision": {"kind": "vit", "image_size": 128, "width": 192, "depth": 4, "num_heads": 3, "patch_size": 16,
                "pretrained": False},
-    "text": {"pretrained": None, "num_layers": 2, "hidden_size": 256, "num_heads": 4, "intermediate_size": 1024},
+    "text": {"pretrained": None, "num_layers": 2, "hidden_size": 256, "num_heads": 4,
+             "intermediate_size": 1024},
     "fusion": {"num_layers": 2},
 }  # fmt: skip
 REFERENCE_RECIPE = {"embed_dim": 128, "queue_size": 1024}
@@ -151,8 +152,10 @@ def main() -> None:
 
     rows = []
     for variant in args.variants.split(","):
-        spec = {"shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
-                "warmup": args.warmup, "steps": args.steps, "threads": args.threads}  # fmt: skip
+        spec = {
+            "shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
+            "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+        }  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(
             [sys.executable, __file__, "--stage", json.dumps(spec)], env=env, capture_output=True, text=True
