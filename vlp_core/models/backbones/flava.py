@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_backbone
+from vlp_core.models.backbones.towers import UnimodalTowers
 from vlp_core.models.fusion import SingleStreamEncoder
 from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
-from vlp_core.models.text import MLMHead, TextConfig, TextEncoder, load_part_, pool_text, read_bert_checkpoint
-from vlp_core.models.vision import CNNGridEncoder, VisionConfig, build_vision_encoder
+from vlp_core.models.text import MLMHead, TextConfig, load_part_, read_bert_checkpoint
+from vlp_core.models.vision import CNNGridEncoder, VisionConfig
 
 __all__ = ["FlavaBackbone", "FlavaConfig"]
 
@@ -68,21 +69,15 @@ FlavaConfig.PRESETS = {
 }
 
 
-class FlavaBackbone(Backbone):
+class FlavaBackbone(UnimodalTowers, Backbone):
     """``vision_encoder`` (+ ``image_layers``), ``text_encoder``, ``multimodal`` (with ``cls_m``,
     ``image_to_mm``, ``text_to_mm``), the image ``mask_token`` and the tied ``mlm_head``."""
 
     def __init__(self, config: FlavaConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision_encoder = build_vision_encoder(config.vision)
-        vw = self.vision_encoder.width
-        self.text_encoder = TextEncoder(config.text)
-        text = self.text_encoder.config
+        vw, text = self._build_towers(config)
         hidden = text.hidden_size
-        self.image_layers = SingleStreamEncoder(
-            config.image_layers, vw, max(1, vw // 64), 4 * vw, 1e-12, text.dropout, text.attention_dropout
-        )
         self.mask_token = nn.Parameter(torch.zeros(vw))
         self.image_to_mm = nn.Linear(vw, hidden)
         self.text_to_mm = nn.Linear(hidden, hidden)
@@ -125,16 +120,6 @@ class FlavaBackbone(Backbone):
         return fresh
 
     # -- interface
-    def encode_image(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None) -> ImageFeatures:
-        tokens = self.vision_encoder(pixel_values, mask, self.mask_token)
-        if len(self.image_layers.layers):
-            tokens = self.image_layers(tokens, None)
-        return ImageFeatures(tokens=tokens, pooled=tokens[:, 0])
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        hidden = self.text_encoder(input_ids, attention_mask)
-        return TextFeatures(hidden, attention_mask, pool_text(hidden, attention_mask, self.config.pooling))
-
     def fuse_states(
         self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
     ) -> PairFeatures:

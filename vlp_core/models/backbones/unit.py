@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_backbone
-from vlp_core.models.fusion import SingleStreamEncoder
+from vlp_core.models.backbones.towers import UnimodalTowers
 from vlp_core.models.layers import TransformerLayer, init_bert_
 from vlp_core.models.layers import key_mask as _key_mask
 from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
-from vlp_core.models.text import TextConfig, TextEncoder, pool_text, read_bert_checkpoint
-from vlp_core.models.vision import CNNGridEncoder, VisionConfig, build_vision_encoder
+from vlp_core.models.text import TextConfig, read_bert_checkpoint
+from vlp_core.models.vision import CNNGridEncoder, VisionConfig
 
 __all__ = ["UNIT_TASKS", "UniTBackbone", "UniTConfig"]
 
@@ -77,7 +77,7 @@ UniTConfig.PRESETS = {
 }
 
 
-class UniTBackbone(Backbone):
+class UniTBackbone(UnimodalTowers, Backbone):
     """``vision_encoder`` (+ ``image_layers``), ``text_encoder``, the memory projections and modality
     embeddings, the shared ``decoder`` and the per-task ``queries``."""
 
@@ -86,14 +86,8 @@ class UniTBackbone(Backbone):
     def __init__(self, config: UniTConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision_encoder = build_vision_encoder(config.vision)
-        vw = self.vision_encoder.width
-        self.text_encoder = TextEncoder(config.text)
-        text = self.text_encoder.config
+        vw, text = self._build_towers(config)
         hidden = text.hidden_size
-        self.image_layers = SingleStreamEncoder(
-            config.image_layers, vw, max(1, vw // 64), 4 * vw, 1e-12, text.dropout, text.attention_dropout
-        )
         self.image_to_memory = nn.Linear(vw, hidden)
         self.text_to_memory = nn.Linear(hidden, hidden)
         self.modality = nn.Embedding(2, hidden)  # 0 image, 1 text
@@ -143,18 +137,6 @@ class UniTBackbone(Backbone):
             self.task = before
 
     # -- interface
-    def encode_image(self, pixel_values: torch.Tensor, *, mask: torch.Tensor | None = None) -> ImageFeatures:
-        if mask is not None:
-            raise NotImplementedError("the UniT backbone has no image mask token")
-        tokens = self.vision_encoder(pixel_values)
-        if len(self.image_layers.layers):
-            tokens = self.image_layers(tokens, None)
-        return ImageFeatures(tokens=tokens, pooled=tokens[:, 0])
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        hidden = self.text_encoder(input_ids, attention_mask)
-        return TextFeatures(hidden, attention_mask, pool_text(hidden, attention_mask, self.config.pooling))
-
     def encode_pair(self, image: ImageFeatures, text: TextFeatures) -> PairFeatures:
         n, ni = image.tokens.shape[:2]
         memory = torch.cat(
