@@ -91,8 +91,11 @@ UNIT_TASKS = ("vqa", "nlvr2", "snli_ve", "gqa", "refcoco")
 BLIND_TASKS = ("nlvr2", "snli_ve", "gqa", "refcoco")
 #: method variants: ``<method>:text-only`` / ``<method>:image-only`` fine-tune the method's run with one
 #: modality blanked (``task.blind``); ``unit:single`` trains the UniT backbone on each task alone from its
-#: initial weights at the same steps per task as the multitask run.
-VARIANTS = ("", "text-only", "image-only", "single")
+#: initial weights at the same steps per task as the multitask run; ``none:regions`` is the no-pre-training
+#: baseline of the region methods (their region backbone as it comes, µ-VLA's heads for retrieval).
+VARIANTS = ("", "text-only", "image-only", "single", "regions")
+#: what ``none`` fine-tunes, per variant: (method, the preset its clip-art zero-shot cell evaluates).
+NO_VLP = {"": ("albef", "albef_tiny"), "regions": ("mu-vla", "mu_vla_tiny")}
 
 
 def _hash(cfg: TrainConfig, version: Callable[[str], str]) -> str:
@@ -163,10 +166,13 @@ def plan_chains(
     for method in methods:
         base, _, variant = method.partition(":")
         known = base == "none" or base in RECIPES
-        if not known or variant not in VARIANTS or (variant == "single") != (method == "unit:single"):
+        if (
+            not known or variant not in VARIANTS or (variant == "single") != (method == "unit:single")
+            or (variant == "regions") != (method == "none:regions")
+        ):  # fmt: skip
             raise ValueError(
-                f"benchmark method {method!r}: a method ({', '.join(sorted(RECIPES))}), none, unit:single, "
-                "or <method>:text-only / <method>:image-only"
+                f"benchmark method {method!r}: a method ({', '.join(sorted(RECIPES))}), none, none:regions, "
+                "unit:single, or <method>:text-only / <method>:image-only"
             )
         for seed in seeds:
             cells: list[Cell] = []
@@ -189,7 +195,7 @@ def plan_chains(
                 continue
             pre, init = None, None
             mode = "-" if base in ("none", "unit") else pairs_mode
-            train_method = {"none": "albef"}.get(base, base)
+            train_method = NO_VLP[variant][0] if base == "none" else base
             if base not in ("none", "unit"):
                 pre, _ = _config(
                     f"{base.replace('-', '_')}_tiny",
@@ -212,8 +218,13 @@ def plan_chains(
                     continue
                 if bt.kind == "pretrain":
                     if pre is None:
+                        tag = method.replace(":", "-")
                         cfg, h = _config(
-                            "albef_tiny", {**common, "seed": seed}, runs, f"none-clipart-s{seed}", version
+                            NO_VLP[variant][1],
+                            {**common, "seed": seed},
+                            runs,
+                            f"{tag}-clipart-s{seed}",
+                            version,
                         )
                     else:
                         cfg, h = pre, _hash(pre, version)

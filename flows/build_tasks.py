@@ -82,7 +82,9 @@ def task_regions(
     """The regions of every image of ``tasks`` (default: the bundled tasks), as the corpus regions stage
     makes them (``regions``: :class:`~vlp_core.config.RegionsConfig` fields over its defaults), with a
     referring task's candidate boxes as annotated regions: what region backbones (µ-VLA, U-VisualBERT,
-    VLMixer) read when they fine-tune on a downstream task. A re-run does only what is missing."""
+    VLMixer) read when they fine-tune on a downstream task. A re-run does only what is missing. Shards run
+    one at a time (the detector and the feature extractor use torch's threads; concurrent shards multiply
+    their activations)."""
     from vlp_core.config import RegionsConfig
     from vlp_core.data.scenes import SCENE_TASKS
 
@@ -96,20 +98,10 @@ def task_regions(
     for name in tasks or list(SCENE_TASKS):
         todo, done, signature, sources = task_build.plan_task_regions(store, name, cfg, shard_size)
         log.info("%s: %d images; %d shards to build, %d committed", name, len(sources), len(todo), done)
-        futures = [
-            task_regions_shard.with_options(task_run_name=f"{name}-regions-{shard[:8]}").submit(
-                str(layout.store),
-                name,
-                shard,
-                units,
-                signature,
-                {u: sources[u] for u, _ in units},
-                cfg.model_dump(mode="json"),
-            )  # fmt: skip
-            for shard, units in todo
-        ]
-        for i, f in enumerate(futures, 1):
-            stats = f.result()
+        for i, (shard, units) in enumerate(todo, 1):
+            one = task_regions_shard.with_options(task_run_name=f"{name}-regions-{shard[:8]}")
+            subset = {u: sources[u] for u, _ in units}
+            stats = one(str(layout.store), name, shard, units, signature, subset, cfg.model_dump(mode="json"))
             made[name] = made.get(name, 0) + stats.get("images", 0)
             log.info("%s: regions shard %d/%d (%s)", name, i, len(todo), stats)
     log.info("task regions in %.1fs: %s", time.time() - t0, made)

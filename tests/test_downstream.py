@@ -176,7 +176,7 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
     only run the tasks that have such a baseline; ``unit:single`` trains the UniT backbone per task at the
     multitask run's steps per task; a run's key includes the version of the task data it reads; a bad
     spec, or tasks not built, is an error before anything runs."""
-    from flows.benchmark import _hash, plan_chains
+    from flows.benchmark import _hash, _reads_regions, plan_chains
 
     budget = {"pretrain_steps": 5, "finetune_steps": 3, "batch_size": 4}
     tasks = ["vqa", "nlvr2", "refcoco", "retrieval", "clipart-zs"]
@@ -197,7 +197,10 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
     nlvr2 = full.cells[1].config
     assert _hash(nlvr2, lambda name: "v1") != _hash(nlvr2, lambda name: "v2")  # rebuilt data: a new key
     assert _hash(full.pretrain, lambda name: "v1") == _hash(full.pretrain, lambda name: "v2")  # no task data
-    for bad in ("albef:single", "unit:text-only-x", "nope"):
+    (regions,) = plan_chains(["none:regions"], [7], ["nlvr2", "clipart-zs"], budget, "known", tasks_corpus)
+    assert regions.pretrain is None and [c.config.method for c in regions.cells] == ["mu-vla", "mu-vla"]
+    assert [_reads_regions(c.config) for c in regions.cells] == [True, True]
+    for bad in ("albef:single", "unit:text-only-x", "nope", "albef:regions"):
         with pytest.raises(ValueError):
             plan_chains([bad], [0], tasks, budget, "known", tasks_corpus)
     with pytest.raises(ValueError, match="build-tasks"):

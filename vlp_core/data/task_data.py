@@ -48,13 +48,14 @@ STORE_IMAGES = "store:task_images"
 
 
 def _filtered(store: ShardStore, table: str, task: str, splits: Sequence[str] | None = None) -> pa.Table:
+    """The rows of ``task`` (and ``splits``) of a task table. The filter is pushed into the Parquet reader, so
+    row groups whose statistics exclude the task (every other task's shards) are not read."""
+    where: list[tuple[str, str, Any]] = [("task", "=", task)]
+    if splits is not None:
+        where.append(("split", "in", list(splits)))
     parts = []
     for f in store.committed_files(table):
-        t = pq.read_table(f)
-        mask = pc.equal(t["task"], task)
-        if splits is not None:
-            mask = pc.and_(mask, pc.is_in(t["split"], pa.array(list(splits), pa.string())))
-        t = t.filter(mask)
+        t = pq.read_table(f, filters=where)
         if t.num_rows:
             parts.append(t)
     return pa.concat_tables(parts) if parts else store.read_table(table).slice(0, 0)
