@@ -54,6 +54,44 @@ def _summary(layout: DataLayout, budget: str) -> tuple[list[dict[str, Any]], dic
     return rows, chance
 
 
+def baseline_of(method: str) -> str | None:
+    """The no-pre-training row a method is compared with: ``none:regions`` for the region methods (their
+    backbone as it comes), ``none`` for the others; ``None`` for the baselines themselves and the
+    single-modality / UniT variants (compared with their own full method instead)."""
+    from vlp_core.recipes import RECIPES
+    from vlp_core.recipes.base import default_backbone_kind
+
+    base, _, variant = method.partition(":")
+    if base == "none" or variant or base not in RECIPES or base == "unit":
+        return None
+    return "none:regions" if default_backbone_kind(base) == "region_stream" else "none"
+
+
+def _delta_rows(rows: list[dict[str, Any]], tasks: list[str]) -> list[tuple[str, list[str]]]:
+    """Per method with a baseline: its mean minus the baseline's per task, ± the standard error of that
+    difference (sqrt(s1^2/n1 + s2^2/n2)); ``*`` where the difference exceeds twice it (both n >= 2)."""
+    cell = {(r["method"], r["pairs_mode"], r["task"]): r for r in rows}
+    base_of = {r["method"]: r for r in rows if r["method"] in ("none", "none:regions")}
+    out = []
+    for m in sorted({(r["method"], r["pairs_mode"]) for r in rows}):
+        b = baseline_of(m[0])
+        if b is None or b not in base_of:
+            continue
+        texts = []
+        for t in tasks:
+            r, z = cell.get((*m, t)), cell.get((b, "-", t))
+            if r is None or z is None:
+                texts.append("—")
+                continue
+            d = r["mean"] - z["mean"]
+            se = (r["std"] ** 2 / r["seeds"] + z["std"] ** 2 / z["seeds"]) ** 0.5
+            sure = min(r["seeds"], z["seeds"]) >= 2 and abs(d) > 2 * se
+            texts.append(f"{d:+.1f} ± {se:.1f}{' *' if sure else ''}")
+        label = m[0] if m[1] == "-" else f"{m[0]} ({m[1]})"
+        out.append((f"{label} − {b}", texts))
+    return out
+
+
 def render(layout: DataLayout, budget: str) -> tuple[Path, Path, str]:
     """Write ``reports/leaderboard.html`` and ``reports/leaderboard.png`` for one ``budget`` (its JSON, as
     the ``budget`` column has it); returns their paths and the summary as a Markdown table (for the Prefect
@@ -91,6 +129,14 @@ def render(layout: DataLayout, budget: str) -> tuple[Path, Path, str]:
     md.append("| chance | " + " | ".join(f"{chance[t]:.1f}" if t in chance else "—" for t in tasks) + " |")
     metric = {t: next(r["metric"] for r in rows if r["task"] == t) for t in tasks}
     head = "".join(f"<th>{html.escape(t)}<br><small>{html.escape(metric[t])}</small></th>" for t in tasks)
+    deltas = _delta_rows(rows, tasks)
+    delta_html = "".join(
+        f"<tr><th>{html.escape(name)}</th>{''.join(f'<td>{html.escape(x)}</td>' for x in texts)}</tr>"
+        for name, texts in deltas
+    )
+    if deltas:
+        md += ["", "| vs no pre-training | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        md += [f"| {name} | " + " | ".join(texts) + " |" for name, texts in deltas]
     chance_row = "".join(f"<td>{chance[t]:.1f}</td>" if t in chance else "<td>—</td>" for t in tasks)
     page = out / "leaderboard.html"
     page.write_text(
@@ -103,6 +149,10 @@ td.missing{{color:#aaa}} tr.chance td{{color:#777;font-style:italic}}
 Budget: <code>{html.escape(budget)}</code>.
 Every per-seed number and every other metric: <code>vlp sql "SELECT * FROM leaderboard"</code>.</p>
 <table><tr><th>method</th>{head}</tr>{"".join(body)}<tr class=chance><th>chance</th>{chance_row}</tr></table>
+<h2>Against no vision-language pre-training</h2>
+<p>Each method's mean minus its baseline's (<code>none</code>; <code>none:regions</code> for the region
+methods), ± the standard error of the difference; * where it exceeds twice that (n ≥ 2 on both sides).</p>
+<table><tr><th>difference</th>{head}</tr>{delta_html}</table>
 <p><img src="leaderboard.png" alt="leaderboard chart"></p></body></html>"""
     )
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4.5), dpi=110)

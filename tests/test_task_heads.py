@@ -138,3 +138,25 @@ def test_region_heads_score_candidate_regions_and_pass_each_image_alone():
         got = clf.logits(two, ids, mask)
         left, right = (bb.fuse(two[:, j], ids, mask).pooled for j in range(2))
         assert torch.allclose(got, clf.head(torch.cat([left, right], -1)), atol=1e-5)
+
+
+def test_leaderboard_differences_to_no_pretraining_by_hand():
+    """Each method against its own baseline (region methods against ``none:regions``): mean difference ±
+    sqrt(s1²/n1 + s2²/n2), starred beyond two standard errors; variants and baselines get no row."""
+    from flows.leaderboard import _delta_rows, baseline_of
+
+    def row(method, task, mean, std, n, mode="-"):
+        return {"method": method, "pairs_mode": mode, "task": task, "mean": mean, "std": std, "seeds": n}
+
+    rows = [
+        row("none", "vqa", 70.0, 3.0, 3), row("albef", "vqa", 76.0, 4.0, 3, "retrieved"),
+        row("none:regions", "vqa", 40.0, 1.0, 2), row("mu-vla", "vqa", 41.0, 1.0, 2, "retrieved"),
+        row("albef:text-only", "vqa", 30.0, 1.0, 3, "retrieved"),
+    ]  # fmt: skip
+    got = dict(_delta_rows(rows, ["vqa"]))
+    assert set(got) == {"albef (retrieved) − none", "mu-vla (retrieved) − none:regions"}
+    assert got["albef (retrieved) − none"] == [f"+6.0 ± {(16 / 3 + 9 / 3) ** 0.5:.1f} *"]  # 6 > 2 x 2.89
+    assert got["mu-vla (retrieved) − none:regions"] == ["+1.0 ± 1.0"]  # 1 < 2 x 1.0: no star
+    assert [baseline_of(m) for m in ("vlmixer", "flava", "unit", "unit:single", "none")] == [
+        "none:regions", "none", None, None, None,
+    ]  # fmt: skip
