@@ -47,26 +47,33 @@ __all__ = [
 STORE_IMAGES = "store:task_images"
 
 
-def _filtered(store: ShardStore, table: str, task: str, splits: Sequence[str] | None = None) -> pa.Table:
-    """The rows of ``task`` (and ``splits``) of a task table. The filter is pushed into the Parquet reader, so
-    row groups whose statistics exclude the task (every other task's shards) are not read."""
+def _filtered_parts(
+    store: ShardStore, table: str, task: str, splits: Sequence[str] | None = None, columns: list[str] | None = None
+):
+    """The rows of ``task`` (and ``splits``) of a task table, one committed file at a time. The filter is
+    pushed into the Parquet reader, so row groups whose statistics exclude the task (every other task's
+    shards) are not read."""
     where: list[tuple[str, str, Any]] = [("task", "=", task)]
     if splits is not None:
         where.append(("split", "in", list(splits)))
-    parts = []
     for f in store.committed_files(table):
-        t = pq.read_table(f, filters=where)
+        t = pq.read_table(f, filters=where, columns=columns)
         if t.num_rows:
-            parts.append(t)
+            yield t
+
+
+def _filtered(store: ShardStore, table: str, task: str, splits: Sequence[str] | None = None) -> pa.Table:
+    parts = list(_filtered_parts(store, table, task, splits))
     return pa.concat_tables(parts) if parts else store.read_table(table).slice(0, 0)
 
 
 def dataset_version(store: ShardStore, task: str) -> str:
-    """A fingerprint of ``task``'s data in the store: the hash of its examples (every column, in split and
-    id order) and of its stored images (name and bytes). It depends on the content only, not on how or in
-    which shards it was built: a rebuild that gives the same bytes (the bundled tasks are deterministic)
-    keeps it, any changed example or image changes it. Images in folders outside the store are named (the
-    ``image_root`` column) but not read.
+    """A fingerprint of ``task``'s data in the store: a multiset hash of its examples (each row, every
+    column) and of its stored images (name and bytes): the sum of the rows' 128-bit digests, so it depends
+    on the content only, not on row order, shard boundaries or how the data was built. A rebuild that gives
+    the same rows (the bundled tasks are deterministic) keeps it; any changed, added or removed example or
+    image changes it. Streams one file at a time (memory: one shard). Images in folders outside the store
+    are named (the ``image_root`` column) but not read.
 
     Raises:
         ValueError: when the store has no examples of ``task``.
@@ -74,19 +81,28 @@ def dataset_version(store: ShardStore, task: str) -> str:
     import hashlib
     import json
 
-    rows = _filtered(store, "task_examples", task).to_pylist()
-    if not rows:
+    def digest(data: bytes) -> int:
+        return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "big")
+
+    n_rows = n_images = rows_sum = images_sum = 0
+    for part in _filtered_parts(store, "task_examples", task):
+        for row in part.to_pylist():
+            rows_sum += digest(json.dumps(row, sort_keys=True, default=str).encode())
+            n_rows += 1
+    if not n_rows:
         raise ValueError(
             f"task {task!r} has no examples in the store {store.root}: build the bundled tasks (prefect "
             "deployment run build-tasks/bundled, or vlp build-tasks) or import the dataset (vlp "
             "import-task ...)"
         )
-    rows.sort(key=lambda r: (r["split"], r["example_id"]))
-    h = hashlib.blake2b(json.dumps(rows, sort_keys=True, default=str).encode(), digest_size=16)
-    images = _filtered(store, "task_images", task)
-    for name, png in sorted(zip(images["image"].to_pylist(), images["png"].to_pylist(), strict=True)):
-        h.update(name.encode() + b"\0" + hashlib.blake2b(png, digest_size=16).digest())
-    return h.hexdigest()
+    for part in _filtered_parts(store, "task_images", task, columns=["image", "png"]):
+        for name, png in zip(part["image"].to_pylist(), part["png"].to_pylist(), strict=True):
+            images_sum += digest(name.encode() + b"\0" + hashlib.blake2b(png, digest_size=16).digest())
+            n_images += 1
+    mod = 1 << 128
+    return hashlib.blake2b(
+        f"{n_rows}:{rows_sum % mod:x}:{n_images}:{images_sum % mod:x}".encode(), digest_size=16
+    ).hexdigest()
 
 
 def task_splits(store: ShardStore, task: str) -> dict[str, int]:
