@@ -45,6 +45,7 @@ from vlp_core.corpus.ingest import ShardRows, ingest_images, ingest_texts
 from vlp_core.corpus.sources import Unit, build_source
 from vlp_core.memory import PeakRSS, children_peak_rss_mb, run_peak_rss_mb
 from vlp_core.paths import DataLayout
+from vlp_core.progress import ProgressLog
 
 CORPUS = "corpus"  # the source name of stages over the whole (deduplicated) corpus
 VISION_MODULES = (vlp_core.vision.darknet, vlp_core.vision.detect, vlp_core.vision.features)
@@ -156,7 +157,8 @@ def run_shard(job: ShardJob, cfg: CorpusConfig, store_root: str) -> dict[str, in
 
 
 def map_shards(stage: str, jobs: list[ShardJob], cfg: CorpusConfig, store_root: str) -> Counter:
-    """Run ``jobs`` on the flow's task runner with a progress bar; log and return the summed counts."""
+    """Run ``jobs`` on the flow's task runner with a progress bar (a terminal) and progress log lines (rate
+    and ETA, every 10 s: what a worker's log and ``vlp run`` show); log and return the summed counts."""
     totals: Counter = Counter()
     per_source: dict[str, Counter] = {}
     futures = {
@@ -165,12 +167,14 @@ def map_shards(stage: str, jobs: list[ShardJob], cfg: CorpusConfig, store_root: 
         ): job.source
         for job in jobs
     }
+    progress = ProgressLog(len(futures), f"{stage} shards", get_run_logger().info)
     with tqdm(total=len(futures), desc=f"{stage} shards", unit="shard", disable=None) as bar:
         for fut in as_completed(list(futures)):
             stats = fut.result()
             totals.update(stats)
             per_source.setdefault(futures[fut], Counter()).update(stats)
             bar.update(1)
+            progress.update(1)
     for name, c in sorted(per_source.items()):
         get_run_logger().info("%s/%s: %s", stage, name, dict(sorted(c.items())))
     return totals

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,7 +171,44 @@ def serve(
     console.print(f"Prefect API {s.api_url}; UI http://127.0.0.1:{s.port}")
     if s.api_url != "http://127.0.0.1:4200/api":
         console.print(f"export PREFECT_API_URL={s.api_url}   # prefect.toml points at port 4200")
-    console.print("run a deployment: prefect deployment run build-corpus/default --watch;  stop: vlp stop")
+    console.print("run a deployment and follow it: vlp run build-corpus/default;  stop: vlp stop")
+
+
+@app.command()
+def run(
+    deployment: Annotated[str, typer.Argument(help="flow/deployment, e.g. build-corpus/quickstart")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="a flow parameter key=value (YAML value; repeatable)"),
+    ] = None,
+    params: Annotated[str | None, typer.Option(help="the flow parameters as one JSON object")] = None,
+) -> None:
+    """Run a deployment on the local worker and follow it: its log lines as they come (stage shards with
+    rate and ETA, training steps), then its final state; exits 1 unless it completed."""
+    from flows.follow import run_and_follow
+    from flows.serve import healthy, read_state
+
+    values: dict[str, Any] = json.loads(params) if params else {}
+    values.update(_parse_sets(param))
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        state = read_state(Path(os.environ["PREFECT_HOME"]))
+        url = state.api_url if state else None
+    if not url or not healthy(url):
+        raise UserError("no Prefect server with a worker is running: start one with `vlp serve`")
+    os.environ["PREFECT_API_URL"] = url
+    from prefect.exceptions import ObjectNotFound
+
+    t0 = time.monotonic()
+    try:
+        _, final = run_and_follow(
+            deployment, values, lambda line: console.print(line, markup=False, highlight=False)
+        )
+    except ObjectNotFound:
+        raise UserError(f"no deployment {deployment!r} on {url} (prefect deployment ls lists them)") from None
+    console.print(f"{deployment}: {final} in {time.monotonic() - t0:.0f}s")
+    if final != "COMPLETED":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -9,18 +9,18 @@ VENV=${VLP_VENV:-.venv}
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 "$VENV/bin/vlp" serve
-"$VENV/bin/prefect" deployment run build-corpus/quickstart --watch
+"$VENV/bin/vlp" run build-corpus/quickstart
 "$VENV/bin/vlp" sql "select * from ingest_summary"
 "$VENV/bin/vlp" sql "select stage, source, reason, n, example_input from rejects_by_reason" \
   --title "rejects by stage and reason" --empty "no rejects"
 "$VENV/bin/vlp" sql "select * from tag_coverage"
 "$VENV/bin/vlp" sql "select image_id, category, tag_sentence, rank, round(score, 3) score, text from retrieval_browser where source = 'openclipart' order by image_id, rank" --limit 15
-"$VENV/bin/prefect" deployment run pretrain/albef --watch
-"$VENV/bin/prefect" deployment run finetune/vqa --watch
-"$VENV/bin/prefect" deployment run build-tasks/bundled --watch
+"$VENV/bin/vlp" run pretrain/albef
+"$VENV/bin/vlp" run finetune/vqa
+"$VENV/bin/vlp" run build-tasks/bundled
 "$VENV/bin/vlp" sql "select task, split, examples, labels, chance, chance_of from task_summary" \
   --title "bundled downstream tasks"
-"$VENV/bin/prefect" deployment run finetune/refcoco --watch
+"$VENV/bin/vlp" run finetune/refcoco
 "$VENV/bin/vlp" runs --metrics vqa_accuracy,accuracy_testA,accuracy_testB
 cat <<MSG
 

@@ -1,9 +1,11 @@
-"""Integration: the project's Prefect server + worker run a deployment started from the Prefect CLI."""
+"""Integration: the project's Prefect server + worker run a deployment started from the command line (``vlp
+run``, which follows its logs; Prefect's own CLI lists and inspects the deployments)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,9 +32,16 @@ def test_deployment_run_through_cli_completes(prefect_stack, real):
     nightly = _run(*prefect, "deployment", "inspect", "build-corpus/nightly")
     assert "0 2 * * *" in nightly.stdout and "vlp-local" in nightly.stdout
 
-    run = _run(*prefect, "deployment", "run", "build-corpus/smoke", "--watch", "--watch-timeout", "280")
+    run = _run(sys.executable, "-m", "flows.cli", "run", "build-corpus/smoke", timeout=280)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Completed" in run.stdout
+    assert "build-corpus/smoke: COMPLETED" in run.stdout
+    # the worker's log lines reached the terminal as they came: every stage's shards with a rate, then done
+    assert re.search(r"ingest shards: \d+/\d+ \(100%\), [\d.]+ shards/s, done", run.stdout), run.stdout[
+        -3000:
+    ]
+    assert "corpus built in" in run.stdout
+    bad = _run(sys.executable, "-m", "flows.cli", "run", "no-such/deployment", timeout=60)
+    assert bad.returncode == 2 and "no deployment" in bad.stderr and "Traceback" not in bad.stderr
 
     # the worker's flow run wrote into the session's data directory; inspect it with the project's CLI
     out = _run(sys.executable, "-m", "flows.cli", "sql", "select * from ingest_summary", "--format", "json")

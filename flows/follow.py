@@ -1,0 +1,79 @@
+"""Run a deployment and follow it: its log lines (and its subflows'), as they come, then its final state.
+What ``vlp run`` does, so a terminal shows a worker's progress (stage shards with rate and ETA, training
+steps) instead of state changes only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+__all__ = ["follow_flow_run", "run_and_follow"]
+
+
+async def _family(client: Any, root: UUID) -> set[UUID]:
+    """``root`` and every flow run below it (subflows, their subflows, ...)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    ids, frontier = {root}, [root]
+    while frontier:
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+        )
+        frontier = [r.id for r in children if r.id not in ids]
+        ids.update(frontier)
+    return ids
+
+
+async def follow_flow_run(
+    flow_run_id: UUID, emit: Callable[[str], None], poll_s: float = 1.0, timeout_s: float | None = None
+) -> str:
+    """Print (``emit``) every log line of the flow run and its subflows in time order until it is final;
+    returns its final state type (``COMPLETED``, ``FAILED``, ``CRASHED``, ``CANCELLED``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
+    from prefect.client.schemas.sorting import LogSort
+
+    seen: set[UUID] = set()
+    since = None
+    t0 = time.monotonic()
+    async with get_client() as client:
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            final = run.state is not None and run.state.is_final()
+            ids = await _family(client, flow_run_id)
+            flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(ids)))
+            if since is not None:
+                flt.timestamp = LogFilterTimestamp(after_=since)
+            offset = 0
+            while True:
+                logs = await client.read_logs(
+                    log_filter=flt, sort=LogSort.TIMESTAMP_ASC, limit=200, offset=offset
+                )
+                for log in logs:
+                    if log.id in seen:
+                        continue
+                    seen.add(log.id)
+                    emit(f"{log.timestamp:%H:%M:%S} {log.message}")
+                    since = log.timestamp
+                if len(logs) < 200:
+                    break
+                offset += len(logs)
+            if final:
+                return run.state.type.value
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout_s:.0f}s")
+            await asyncio.sleep(poll_s)
+
+
+def run_and_follow(
+    name: str, parameters: dict[str, Any], emit: Callable[[str], None], timeout_s: float | None = None
+) -> tuple[UUID, str]:
+    """Submit deployment ``name`` (``flow/deployment``) with ``parameters`` and follow it to its end."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters, timeout=0)
+    emit(f"flow run {run.name} ({run.id}) of {name} submitted")
+    return run.id, asyncio.run(follow_flow_run(run.id, emit, timeout_s=timeout_s))
