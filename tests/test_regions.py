@@ -246,6 +246,34 @@ def test_region_reader_matches_the_regions_table(store):
         RegionReader(store, ["not-an-image"], RegionConfig())
 
 
+def test_an_image_with_regions_from_two_stages_takes_one_list_whole(tmp_path):
+    """The same image made by two stages (say a COCO image of the Karpathy split and of RefCOCO+, whose
+    regions also hold its candidates): the reader takes every region from one of them, the preferred
+    source's when given, never a mix."""
+    import pyarrow as pa
+
+    from stores.schemas import schema_of
+
+    two = ShardStore(tmp_path / "store")
+
+    def commit(source: str, labels: list[str]) -> None:
+        rows = [
+            {"image_id": "img", "region_idx": i, "label": lab, "score": 1.0, "box": [0, 0, 8, 8],
+             "box5": [0, 0, 1, 1, 1], "detector": source, "feature": np.full(4, i, np.float16)}
+            for i, lab in enumerate(labels)
+        ]  # fmt: skip
+        table = pa.Table.from_pylist(rows, schema=schema_of("regions"))
+        two.commit("task_regions", source, "s", "sig", [("img", "0")], {"regions": table})
+
+    commit("a-karpathy", ["image", "dog", "cat"])
+    commit("b-refs", ["image", "candidate", "candidate", "candidate", "dog"])
+    cfg = RegionConfig(max_regions=10, max_tags=0)
+    assert RegionReader(two, ["img"], cfg).sample(0)["region_class"][1:] == ["dog", "cat"]
+    preferred = RegionReader(two, ["img"], cfg, prefer_source="b-refs").sample(0)
+    assert preferred["region_class"][1:] == ["candidate", "candidate", "candidate", "dog"]
+    assert preferred["region_feats"][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_region_datasets_and_collator_on_the_store(store):
     tokenizer = load_tokenizer()
     collate = RegionCollator(tokenizer, max_len=30)

@@ -131,13 +131,23 @@ class RegionReader:
     """
 
     def __init__(
-        self, store: ShardStore, image_ids: Sequence[str], cfg: RegionConfig, cache_bytes: int = 256 * 2**20
+        self,
+        store: ShardStore,
+        image_ids: Sequence[str],
+        cfg: RegionConfig,
+        cache_bytes: int = 256 * 2**20,
+        prefer_source: str | None = None,
     ):
         self.cfg = cfg
         self.cache_bytes = int(cache_bytes)
         wanted = {s: i for i, s in enumerate(image_ids)}
         self.n_images = len(image_ids)
-        self._files = [str(p) for p in _table_files(store, "regions")]
+        # An image's regions come from one file: the first that has them, files of ``prefer_source`` (a
+        # task whose regions include its candidates) before the others. An image made by two stages (a
+        # COCO image of RefCOCO+ and of the Karpathy split) never mixes their region lists.
+        files = _table_files(store, "regions")
+        files.sort(key=lambda p: (p.parent.name != prefer_source, str(p)))
+        self._files = [str(p) for p in files]
         rows: list[tuple[int, int, int, int, int, str, float, list[float]]] = []
         for fi, path in enumerate(self._files):
             pf = pq.ParquetFile(path)
@@ -151,12 +161,12 @@ class RegionReader:
                                          part["score"][r], part["box5"][r]))  # fmt: skip
             finally:
                 pf.close()
-        # One row per (image, region_idx): the first occurrence in file order (shards may repeat rows).
-        rows.sort(key=lambda t: (t[0], t[1], t[2], t[3], t[4]))
+        # One row per (image, region_idx), all from the image's first file (shards may repeat rows).
+        rows.sort(key=lambda t: (t[0], t[2], t[1], t[3], t[4]))
         per_image: list[list[tuple]] = [[] for _ in range(self.n_images)]
         for row in rows:
             regions = per_image[row[0]]
-            if not regions or regions[-1][1] != row[1]:
+            if not regions or (regions[-1][2] == row[2] and regions[-1][1] != row[1]):
                 regions.append(row)
         missing = [image_ids[i] for i, r in enumerate(per_image) if not r or r[0][1] != 0]
         if missing:

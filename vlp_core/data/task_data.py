@@ -384,9 +384,9 @@ class RegionExampleDataset(Dataset):
         where = {s: i for i, s in enumerate(self.image_ids)}
         self._pos = [[where[ids[(r, n)]] for n in ex.images] for ex, r in zip(examples, roots, strict=True)]
         try:
-            self.reader = RegionReader(store, self.image_ids, cfg)
+            task = examples[0].task if examples else None
+            self.reader = RegionReader(store, self.image_ids, cfg, prefer_source=task)
         except KeyError as exc:
-            task = examples[0].task if examples else "?"
             raise ValueError(
                 f"task {task!r}: its images have no regions in the store ({exc}); make them with prefect "
                 "deployment run task-regions/regions (or build-tasks with regions=true)"
