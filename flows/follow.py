@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 __all__ = ["follow_flow_run", "run_and_follow"]
+
+#: how far before the newest line seen each poll looks again (workers send logs in batches, so a line can
+#: arrive after a newer one); lines already printed are skipped by id.
+LOOKBACK_S = 60
 
 
 async def _family(client: Any, root: UUID) -> set[UUID]:
@@ -45,8 +50,8 @@ async def follow_flow_run(
             final = run.state is not None and run.state.is_final()
             ids = await _family(client, flow_run_id)
             flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(ids)))
-            if since is not None:
-                flt.timestamp = LogFilterTimestamp(after_=since)
+            if since is not None:  # logs reach the server in batches: look back a while, skip those seen
+                flt.timestamp = LogFilterTimestamp(after_=since - timedelta(seconds=LOOKBACK_S))
             offset = 0
             while True:
                 logs = await client.read_logs(
