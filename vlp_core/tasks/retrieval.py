@@ -114,9 +114,9 @@ def _build_captions(config: Any, store: ShardStore, model: Any) -> TrainSpec:
     if region:
         # the regions the task-regions stage made of the task's images; no augmentation
         region_cfg = RegionConfig(**task.regions)
-        shown_set = RegionExampleDataset(store, train_ex, train_roots, images, region_cfg, seed=config.seed)
-        fitted = fit_region_stats_(model.backbone, store, shown_set.image_ids)
-        pairs = ExamplePairDataset(shown_set)
+        train_set = RegionExampleDataset(store, train_ex, train_roots, images, region_cfg, seed=config.seed)
+        fitted = fit_region_stats_(model.backbone, store, train_set.image_ids)
+        pairs = ExamplePairDataset(train_set)
         collate: Any = region_collator(config, tokenizer)
     else:
         transform = train_transform(
