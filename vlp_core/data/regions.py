@@ -230,6 +230,10 @@ class RegionReader:
         state["_cache"], state["_pid"] = None, -1
         return state
 
+    def kept_regions(self, pos: int) -> tuple[list[str], np.ndarray]:
+        """The labels and ``(R, 5)`` normalised boxes of image ``pos``'s kept regions, in sample order."""
+        return list(self._labels[pos]), self._boxes[pos]
+
     def region_position(self, pos: int, region_idx: int) -> int | None:
         """Where stored region ``region_idx`` of image ``pos`` is in its sample (None: not kept)."""
         try:

@@ -108,9 +108,8 @@ def dataset_version(store: ShardStore, task: str) -> str:
 def task_splits(store: ShardStore, task: str) -> dict[str, int]:
     """``{split: examples}`` of a task in the store (empty when the task is not there)."""
     counts: dict[str, int] = {}
-    for f in store.committed_files("task_examples"):
-        t = pq.read_table(f, columns=["task", "split"])
-        for s in t.filter(pc.equal(t["task"], task))["split"].to_pylist():
+    for part in _filtered_parts(store, "task_examples", task, columns=["split"]):
+        for s in part["split"].to_pylist():
             counts[s] = counts.get(s, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -150,6 +149,7 @@ class TaskImages:
     def __init__(self, store: ShardStore, task: str):
         self.store, self.task = store, task
         self._stored: dict[str, bytes] | None = None
+        self._ids: dict[tuple[str, str], str] = {}
 
     def _load_stored(self) -> dict[str, bytes]:
         if self._stored is None:
@@ -168,10 +168,14 @@ class TaskImages:
 
     def image_id(self, root: str, name: str) -> str:
         """The image's store id: the content hash of its bytes, as ingest computes it (its regions are
-        found by it)."""
+        found by it); hashed once per image and instance (the training set and every evaluation split
+        ask)."""
         from vlp_core.corpus.ingest import content_id
 
-        return content_id(self.data(root, name))
+        key = (root, name)
+        if key not in self._ids:
+            self._ids[key] = content_id(self.data(root, name))
+        return self._ids[key]
 
     def __call__(self, root: str, name: str):
         from PIL import Image
@@ -404,8 +408,8 @@ class RegionExampleDataset(Dataset):
             self._cands.append(self._candidates(ex, pos[0], boxes.numpy()))
 
     def _candidates(self, ex: TaskExample, pos: int, boxes: np.ndarray) -> list[int]:
-        stored = self.reader._boxes[pos][:, :4]  # noqa: SLF001 - the reader's kept boxes, normalised
-        labels = self.reader._labels[pos]  # noqa: SLF001
+        labels, stored5 = self.reader.kept_regions(pos)
+        stored = stored5[:, :4]
         out = []
         for b, want in zip(ex.boxes, boxes, strict=True):
             close = np.abs(stored - want).max(axis=1) < 2e-3
@@ -427,9 +431,10 @@ class RegionExampleDataset(Dataset):
             return s
         keep = [0, *cands]
         return {
-            **s,
             "region_feats": np.zeros((len(keep), s["region_feats"].shape[1]), np.float32),
             "region_boxes": s["region_boxes"][keep],
+            "region_class": [None] * len(keep),  # nothing of the image, not even its tags
+            "tags": [],
         }
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.models.backbones import Backbone, OnBackbone
+from vlp_core.models.backbones import Backbone, OnBackbone, RegionInputs
 from vlp_core.models.outputs import ModelOutput
 
 __all__ = [
@@ -152,7 +152,9 @@ class FusedClassifier(OnBackbone, nn.Module):
         text ``(B, L)`` -> ``(B, C)``."""
         if self.n_images == 1:
             return self.head(self.backbone.fuse(pixel_values, input_ids, attention_mask).pooled)
-        per_example = (pixel_values.feats if hasattr(pixel_values, "feats") else pixel_values).shape[1]
+        per_example = (pixel_values.feats if isinstance(pixel_values, RegionInputs) else pixel_values).shape[
+            1
+        ]
         if per_example != self.n_images:
             raise ValueError(f"expected {self.n_images} images per example, got {per_example}")
         pooled = [
