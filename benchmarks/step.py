@@ -19,6 +19,7 @@ vocabulary, collated (tokenised, MLM-masked) by the project's ``PretrainCollator
 
     .venv/bin/python benchmarks/step.py
     .venv/bin/python benchmarks/step.py --steps 50 --threads 1 --json
+    .venv/bin/python benchmarks/step.py --optimizers loop,foreach,fused --zero-grad zeros   # lockstep
 
 Anyone holding the official ALBEF code can time it on the same shape and batch size and compare samples/s
 and peak RSS; the harness prints what to match (shape, parameter count, batch, threads).
@@ -99,38 +100,55 @@ def make_batches(model: Any, n: int, batch_size: int, seed: int = 0) -> list[dic
     return out
 
 
+OPTIMIZERS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+PHASES = ("zero_grad", "forward", "backward", "optimizer")
+
+
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
+    """One variant; with several ``optimizers`` one model per optimiser (same initial weights), stepped in
+    lockstep (step i of each in turn), so every optimiser sees the same machine load."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    model = build_model(spec["shape"], spec["variant"]).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    batches = make_batches(model, spec["batches"], spec["batch_size"])
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)
-    times = []
+    runs = []
+    for name in spec["optimizers"]:
+        torch.manual_seed(0)
+        model = build_model(spec["shape"], spec["variant"]).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **OPTIMIZERS[name])
+        runs.append({"name": name, "model": model, "opt": opt, "params": sum(p.numel() for p in params),
+                     "phases": {k: [] for k in PHASES}, "times": []})  # fmt: skip
+    batches = make_batches(runs[0]["model"], spec["batches"], spec["batch_size"])
+    set_to_none = spec["zero_grad"] == "none"
     for i in range(spec["warmup"] + spec["steps"]):
         batch = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(batch, step=i, steps_per_epoch=1000, kind="pair", stage=None)
-        out.loss.backward()
-        opt.step()
-        dt = time.perf_counter() - t0
-        if i >= spec["warmup"]:
-            times.append(dt)
-        if not torch.isfinite(out.loss):
-            raise RuntimeError(f"step {i}: loss {out.loss}")
-    med = statistics.median(times)
-    return {
-        "variant": spec["variant"],
-        "params": n_params,
-        "step_ms": 1000 * med,
-        "samples_per_s": spec["batch_size"] / med,
-        "peak_rss_mb": peak_rss_mb(),
-        "loss": float(out.loss),
-    }
+        for r in runs:
+            t0 = time.perf_counter()
+            r["opt"].zero_grad(set_to_none=set_to_none)
+            t1 = time.perf_counter()
+            out = r["model"](batch, step=i, steps_per_epoch=1000, kind="pair", stage=None)
+            t2 = time.perf_counter()
+            out.loss.backward()
+            t3 = time.perf_counter()
+            r["opt"].step()
+            t4 = time.perf_counter()
+            if i >= spec["warmup"]:
+                r["times"].append(t4 - t0)
+                for k, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
+                    r["phases"][k].append(1000 * (b - a))
+            if not torch.isfinite(out.loss):
+                raise RuntimeError(f"step {i}: loss {out.loss}")
+            r["loss"] = float(out.loss)
+    rows = []
+    for r in runs:
+        med = statistics.median(r["times"])
+        rows.append({
+            "variant": spec["variant"], "optimizer": r["name"], "zero_grad": spec["zero_grad"],
+            "params": r["params"], "step_ms": 1000 * med, "samples_per_s": spec["batch_size"] / med,
+            "phase_ms": {k: statistics.median(v) for k, v in r["phases"].items()},
+            "peak_rss_mb": peak_rss_mb(), "loss": r["loss"],
+        })  # fmt: skip
+    return {"rows": rows}
 
 
 def main() -> None:
@@ -142,6 +160,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--optimizers",
+        default="loop",
+        help="AdamW implementations, comma-separated (loop, foreach, fused); several are stepped in "
+        "lockstep in one process, so their ratio is measured under the same load",
+    )
+    ap.add_argument(
+        "--zero-grad",
+        choices=("none", "zeros"),
+        default="none",
+        help="zero_grad(set_to_none=True) (none) or keep the gradient buffers and zero them",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -155,6 +185,7 @@ def main() -> None:
         spec = {
             "shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
             "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+            "optimizers": args.optimizers.split(","), "zero_grad": args.zero_grad,
         }  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(
@@ -162,7 +193,7 @@ def main() -> None:
         )
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.extend(json.loads(proc.stdout.strip().splitlines()[-1])["rows"])
     if args.shape == "reference":
         for r in rows:
             if r["variant"] == "pretrain" and r["params"] != REFERENCE_PARAMS:
@@ -171,12 +202,21 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
         return
     print(f"ALBEF at the {args.shape} shape, batch {args.batch_size}, {args.threads} threads, fp32, AdamW; "
-          f"median of {args.steps} steps after {args.warmup}")  # fmt: skip
+          f"median of {args.steps} steps after {args.warmup}; zero_grad: {args.zero_grad}")  # fmt: skip
+    first = {}
+    lines = []
+    for r in rows:
+        base = first.setdefault(r["variant"], r["samples_per_s"])
+        lines.append([r["variant"], r["optimizer"], f"{r['params']:,}", f"{r['step_ms']:.1f}",
+                      *(f"{r['phase_ms'][k]:.1f}" for k in PHASES), f"{r['samples_per_s']:.2f}",
+                      f"{r['samples_per_s'] / base:.2f}x", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['loss']:.3f}"])  # fmt: skip
     print(fmt_table(
-        ["variant", "trainable params", "step ms", "samples/s", "peak RSS MB", "last loss"],
-        [[r["variant"], f"{r['params']:,}", f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.2f}",
-          f"{r['peak_rss_mb']:.0f}", f"{r['loss']:.3f}"] for r in rows],
+        ["variant", "AdamW", "trainable params", "step ms", *(f"{k} ms" for k in PHASES), "samples/s",
+         "vs first", "peak RSS MB", "last loss"], lines,
     ))  # fmt: skip
+    if len(args.optimizers.split(",")) > 1:
+        print("  optimisers of one variant ran in lockstep in one process; the peak RSS is that process's")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ atomically; a re-run skips committed shards, so a killed run resumes where it st
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
@@ -111,6 +113,83 @@ def plan_jobs(
     return [ShardJob(stage, source, key, signature, chunk, dict(payload or {})) for key, chunk in plan.todo]
 
 
+def _logger():
+    """The run's logger inside a flow or task; this module's otherwise (planning called as a library)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+class JobStream:
+    """The shards a stage still has to do, streamed from the planner (:meth:`ShardStore.plan_stream`): ``n``
+    jobs, each built when the flow is ready to submit it, so the plan's memory does not grow with the corpus.
+    Iterate it once; it closes its catalog connection when exhausted (or on :meth:`close`)."""
+
+    def __init__(self, n: int, jobs: Iterator[ShardJob], close: Callable[[], None] = lambda: None):
+        self.n, self._jobs, self._close = n, jobs, close
+
+    def __iter__(self) -> Iterator[ShardJob]:
+        try:
+            yield from self._jobs
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._close()
+        self._close = lambda: None
+
+
+def stream_jobs(
+    layout: DataLayout,
+    stage: str,
+    units_sql: str,
+    signature: str,
+    shard_size: int,
+    order_by: str = "key",
+    payload: dict[str, Any] | None = None,
+) -> JobStream:
+    """Plan ``stage`` over the corpus units ``units_sql`` (a catalog query with columns ``key``, ``fp`` and
+    optionally ``file``, the Parquet file its input is read from: a job carries ``payload["files"]``,
+    ``{file: [unit keys]}``, never the inputs themselves); drop its stale shards; log the counts."""
+    store = ShardStore(layout.store)
+    con = connect(layout.catalog)
+    try:
+        plan = store.plan_stream(con, stage, CORPUS, units_sql, signature, shard_size, order_by)
+    except BaseException:
+        con.close()
+        raise
+    for key in plan.stale:
+        store.drop(stage, CORPUS, key)
+    _logger().info(
+        "%s/%s: %d shards done, %d stale dropped, %d shards (%d units) to do",
+        stage, CORPUS, len(plan.done), len(plan.stale), plan.n_todo, plan.n_units_todo,
+    )  # fmt: skip
+
+    def jobs() -> Iterator[ShardJob]:
+        for key, units, extra in plan.shards():
+            job_payload = dict(payload or {})
+            files = extra.pop("file", None)
+            if files is not None:
+                by_file: dict[str, list[str]] = {}
+                for (unit, _), f in zip(units, files, strict=True):
+                    by_file.setdefault(f, []).append(unit)
+                job_payload["files"] = by_file
+            job_payload.update(extra)
+            yield ShardJob(stage, CORPUS, key, signature, units, job_payload)
+
+    return JobStream(plan.n_todo, jobs(), con.close)
+
+
+def read_by_id(files: dict[str, list[str]], id_column: str, column: str) -> dict[str, Any]:
+    """``{id: value}`` of ``column`` for the given ids, read from only the files they are in."""
+    out: dict[str, Any] = {}
+    for f, ids in files.items():
+        t = pq.read_table(f, columns=[id_column, column], filters=[(id_column, "in", ids)])
+        out.update(zip(t.column(id_column).to_pylist(), t.column(column).to_pylist(), strict=True))
+    return out
+
+
 @task(name="plan-ingest", cache_policy=NO_CACHE)
 def plan_ingest(spec: SourceSpec, cfg: CorpusConfig, store_root: str) -> list[ShardJob]:
     """List the source's units and plan its ingest shards."""
@@ -156,25 +235,48 @@ def run_shard(job: ShardJob, cfg: CorpusConfig, store_root: str) -> dict[str, in
     return {**rows.stats, "shards": 1}
 
 
-def map_shards(stage: str, jobs: list[ShardJob], cfg: CorpusConfig, store_root: str) -> Counter:
-    """Run ``jobs`` on the flow's task runner with a progress bar (a terminal) and progress log lines (rate
-    and ETA, every 10 s: what a worker's log and ``vlp run`` show); log and return the summed counts."""
+#: shards submitted ahead of the ones running: enough to keep every worker busy, few enough that the jobs in
+#: flight (and their payloads) do not grow with the corpus
+IN_FLIGHT = 16
+
+
+def map_shards(
+    stage: str,
+    jobs: list[ShardJob] | JobStream,
+    cfg: CorpusConfig,
+    store_root: str,
+    in_flight: int = IN_FLIGHT,
+) -> Counter:
+    """Run ``jobs`` on the flow's task runner, at most ``in_flight`` submitted at a time, with a progress bar
+    (a terminal) and progress log lines (rate and ETA, every 10 s: what a worker's log and ``vlp run``
+    show); log and return the summed counts."""
     totals: Counter = Counter()
     per_source: dict[str, Counter] = {}
-    futures = {
-        run_shard.with_options(task_run_name=f"{stage}-{job.source}-{job.shard[:8]}").submit(
-            job, cfg, store_root
-        ): job.source
-        for job in jobs
-    }
-    progress = ProgressLog(len(futures), f"{stage} shards", get_run_logger().info)
-    with tqdm(total=len(futures), desc=f"{stage} shards", unit="shard", disable=None) as bar:
-        for fut in as_completed(list(futures)):
+    total = jobs.n if isinstance(jobs, JobStream) else len(jobs)
+    todo = iter(jobs)
+    running: dict[Any, str] = {}
+
+    def submit() -> None:
+        for job in todo:
+            fut = run_shard.with_options(task_run_name=f"{stage}-{job.source}-{job.shard[:8]}").submit(
+                job, cfg, store_root
+            )
+            running[fut] = job.source
+            if len(running) >= in_flight:
+                return
+
+    progress = ProgressLog(total, f"{stage} shards", get_run_logger().info)
+    with tqdm(total=total, desc=f"{stage} shards", unit="shard", disable=None) as bar:
+        submit()
+        while running:
+            fut = next(as_completed(list(running)))
             stats = fut.result()
+            source = running.pop(fut)
             totals.update(stats)
-            per_source.setdefault(futures[fut], Counter()).update(stats)
+            per_source.setdefault(source, Counter()).update(stats)
             bar.update(1)
             progress.update(1)
+            submit()
     for name, c in sorted(per_source.items()):
         get_run_logger().info("%s/%s: %s", stage, name, dict(sorted(c.items())))
     return totals
@@ -202,10 +304,7 @@ REGIONS_CODE = code_version(corpus.region_rows, corpus.vision_models, *VISION_MO
 
 def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     ids = [k for k, _ in job.units]
-    jpeg_of: dict[str, bytes] = {}
-    for f, file_ids in job.payload["files"].items():  # read only this shard's rows from its ingest files
-        t = pq.read_table(f, columns=["image_id", "image"], filters=[("image_id", "in", file_ids)])
-        jpeg_of.update(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist(), strict=True))
+    jpeg_of = read_by_id(job.payload["files"], "image_id", "image")  # only this shard's rows of its files
     detector, extractor = corpus.vision_models(cfg.regions)
     return corpus.region_rows(ids, [jpeg_of[i] for i in ids], detector, extractor, cfg.regions)
 
@@ -213,26 +312,17 @@ def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
 SHARD_ROWS[REGIONS] = _region_rows
 
 
-@task(name="plan-regions", cache_policy=NO_CACHE)
-def plan_regions(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+def plan_regions(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Every distinct image without regions under the current settings → shards of ``regions.shard_size``."""
-    rows = _query(str(layout.catalog), "SELECT image_id, filename FROM images ORDER BY filename, image_id")
-    file_of = dict(rows)
     signature = stable_hash(REGIONS, cfg.regions.model_dump(exclude={"shard_size", "batch_size", "device"}),
                             REGIONS_CODE)  # fmt: skip
-    units = [(iid, iid) for iid, _ in rows]
-    jobs = plan_jobs(ShardStore(layout.store), REGIONS, CORPUS, units, signature, cfg.regions.shard_size)
-    for job in jobs:
-        files: dict[str, list[str]] = {}
-        for k, _ in job.units:
-            files.setdefault(file_of[k], []).append(k)
-        job.payload["files"] = files
-    return jobs
+    units = "SELECT image_id AS key, image_id AS fp, filename AS file FROM images"
+    return stream_jobs(layout, REGIONS, units, signature, cfg.regions.shard_size, "file, key")
 
 
 @flow(name="regions")
 def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(REGIONS, plan_regions.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(REGIONS, plan_regions(cfg, layout), cfg, str(layout.store)))
 
 
 # ------------------------------------------------------------------------------------------ embed, index
@@ -241,32 +331,35 @@ EMBED, INDEX = "embed", "index"
 EMBED_CODE = code_version(corpus.embed_rows, vlp_core.language.embed)
 
 
+def _texts_of(job: ShardJob) -> list[str]:
+    """The sentences of a job's units, read from the ``texts`` files the planner located them in."""
+    text_of = read_by_id(job.payload["files"], "text_id", "text")
+    return [text_of[k] for k, _ in job.units]
+
+
+#: a corpus stage's sentence units: content-hashed ids (the id is its own fingerprint), with their file
+TEXT_UNITS = "SELECT text_id AS key, text_id AS fp, filename AS file FROM texts_located"
+
+
 def _embed_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
-    return corpus.embed_rows(enc, [k for k, _ in job.units], job.payload["texts"])
+    return corpus.embed_rows(enc, [k for k, _ in job.units], _texts_of(job))
 
 
 SHARD_ROWS[EMBED] = _embed_rows
 
 
-@task(name="plan-embed", cache_policy=NO_CACHE)
-def plan_embed(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+def plan_embed(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Every distinct sentence not yet embedded under the current model → shards of ``embed.shard_size``."""
-    rows = _query(str(layout.catalog), "SELECT text_id, text FROM texts ORDER BY text_id")
-    text_of = dict(rows)
     signature = stable_hash(EMBED, cfg.embed.model_path, EMBED_CODE)
-    units = [(tid, tid) for tid, _ in rows]  # content-hashed ids: the id is its own fingerprint
-    jobs = plan_jobs(ShardStore(layout.store), EMBED, CORPUS, units, signature, cfg.embed.shard_size)
-    for job in jobs:
-        job.payload["texts"] = [text_of[k] for k, _ in job.units]
-    return jobs
+    return stream_jobs(layout, EMBED, TEXT_UNITS, signature, cfg.embed.shard_size, "file, key")
 
 
 @task(name="build-index", cache_policy=NO_CACHE)
 def build_sentence_index(cfg: CorpusConfig, layout: DataLayout) -> dict[str, Any]:
     """(Re)build the FAISS index over all sentence embeddings when the embedded set changed."""
     store = ShardStore(layout.store)
-    manifests = store.manifests(EMBED, CORPUS)
+    manifests = dict(store.iter_manifests(EMBED, CORPUS, units=False))
     files = sorted(
         str(store.root / m.outputs["text_embeddings"]["file"])
         for m in manifests.values()
@@ -346,7 +439,7 @@ def _retrieve_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
 
 
 def _phrase_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    return corpus.phrase_rows(corpus.phrase_extractor(), [k for k, _ in job.units], job.payload["texts"])
+    return corpus.phrase_rows(corpus.phrase_extractor(), [k for k, _ in job.units], _texts_of(job))
 
 
 def _link_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -375,18 +468,11 @@ def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
     return jobs
 
 
-@task(name="plan-phrases", cache_policy=NO_CACHE)
-def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Noun phrases of every sentence that some image retrieved."""
-    rows = _query(str(layout.catalog), "SELECT t.text_id, t.text FROM texts t "
-                  "WHERE t.text_id IN (SELECT text_id FROM retrieved_pairs) ORDER BY t.text_id")  # fmt: skip
-    text_of = dict(rows)
-    signature = stable_hash(PHRASES, LANGUAGE_CODE)
-    units = [(tid, tid) for tid, _ in rows]
-    jobs = plan_jobs(ShardStore(layout.store), PHRASES, CORPUS, units, signature, cfg.link.shard_size)
-    for job in jobs:
-        job.payload["texts"] = [text_of[k] for k, _ in job.units]
-    return jobs
+    units = f"{TEXT_UNITS} WHERE text_id IN (SELECT text_id FROM retrieved_pairs)"
+    return stream_jobs(layout, PHRASES, units, stable_hash(PHRASES, LANGUAGE_CODE), cfg.link.shard_size,
+                       "file, key")  # fmt: skip
 
 
 @task(name="plan-links", cache_policy=NO_CACHE)
@@ -432,7 +518,7 @@ def retrieve_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 
 @flow(name="phrases")
 def phrases_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(PHRASES, plan_phrases.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(PHRASES, plan_phrases(cfg, layout), cfg, str(layout.store)))
 
 
 @flow(name="links")
@@ -442,7 +528,7 @@ def links_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 
 @flow(name="embed")
 def embed_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(EMBED, plan_embed.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(EMBED, plan_embed(cfg, layout), cfg, str(layout.store)))
 
 
 @flow(name="ingest")
@@ -515,7 +601,7 @@ SHARD_ROWS[GALLERY] = _gallery_rows
 def gallery_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
     """One shard over the whole region set (regions and image tags), rebuilt when they or the gallery
     settings change."""
-    regions = sorted(ShardStore(layout.store).manifests(REGIONS, CORPUS))
+    regions = sorted(k for k, _ in ShardStore(layout.store).iter_manifests(REGIONS, CORPUS, units=False))
     signature = stable_hash(GALLERY, cfg.gallery.model_dump(), REGIONS_CODE, GALLERY_CODE, GALLERY_SQL)
     unit = [("regions", stable_hash(regions))]
     jobs = plan_jobs(ShardStore(layout.store), GALLERY, CORPUS, unit, signature, 1,
@@ -540,36 +626,30 @@ def _ground_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     forms = {c: list(f) for c, f, _ in job.payload["concepts"]}
     with_patches = frozenset(c for c, _, n in job.payload["concepts"] if n > 0)
     return corpus.ground_rows(
-        corpus.concept_matcher(forms), [k for k, _ in job.units], job.payload["texts"], with_patches
+        corpus.concept_matcher(forms), [k for k, _ in job.units], _texts_of(job), with_patches
     )
 
 
 SHARD_ROWS[GROUND] = _ground_rows
 
 
-@task(name="plan-ground", cache_policy=NO_CACHE)
-def plan_ground(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
+def plan_ground(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Grounded words of every corpus sentence, matched against exactly the surface forms of the ``concepts``
     table (disjoint between concepts: the gallery resolved their conflicts); a new concept set re-keys every
     shard."""
-    cat = str(layout.catalog)
     concepts = [
         (c, list(f), n)
-        for c, f, n in _query(cat, "SELECT concept, forms, n_patches FROM concepts ORDER BY concept")
+        for c, f, n in _query(
+            str(layout.catalog), "SELECT concept, forms, n_patches FROM concepts ORDER BY concept"
+        )
     ]
-    rows = _query(cat, "SELECT text_id, text FROM texts ORDER BY text_id")
-    text_of = dict(rows)
-    units = [(tid, tid) for tid, _ in rows]  # content-hashed ids: the id is its own fingerprint
-    jobs = plan_jobs(ShardStore(layout.store), GROUND, CORPUS, units, ground_signature(concepts),
-                     cfg.ground.shard_size, {"concepts": concepts})  # fmt: skip
-    for job in jobs:
-        job.payload["texts"] = [text_of[k] for k, _ in job.units]
-    return jobs
+    return stream_jobs(layout, GROUND, TEXT_UNITS, ground_signature(concepts), cfg.ground.shard_size,
+                       "file, key", {"concepts": concepts})  # fmt: skip
 
 
 @flow(name="ground")
 def ground_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(GROUND, plan_ground.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(GROUND, plan_ground(cfg, layout), cfg, str(layout.store)))
 
 
 # sharded stages, each a subflow so it can run on its own task runner

@@ -9,11 +9,15 @@ QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY source, uri) = 1;
 CREATE OR REPLACE VIEW image_sources AS
 SELECT image_id, source, uri, category, filename FROM images_raw;
 
--- One row per distinct normalised sentence.
-CREATE OR REPLACE VIEW texts AS
+-- One row per distinct normalised sentence, with the Parquet file it is read from (the corpus stages plan
+-- over sentence ids and files, so a shard reads its sentences from its files).
+CREATE OR REPLACE VIEW texts_located AS
 SELECT *
-FROM texts_raw
+FROM store_table('texts')
 QUALIFY row_number() OVER (PARTITION BY text_id ORDER BY source, uri) = 1;
+
+CREATE OR REPLACE VIEW texts AS
+SELECT * EXCLUDE (filename) FROM texts_located;
 
 -- Captions that came with images (hidden from the unpaired pipeline; used for paired mode and evaluation).
 CREATE OR REPLACE VIEW known_pairs AS

@@ -21,11 +21,12 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -78,6 +79,43 @@ class ShardPlan:
         return sum(len(u) for _, u in self.todo)
 
 
+class StreamPlan:
+    """What a stage has to do for one source, the shards to do streamed from DuckDB (see
+    :meth:`ShardStore.plan_stream`): ``done`` and ``stale`` shard keys, ``n_units_todo`` and ``n_todo``."""
+
+    def __init__(self, con, stage: str, source: str, signature: str, shard_size: int, order_by: str,
+                 done: list[str], stale: list[str], n_units_todo: int):  # fmt: skip
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self._con, self._order_by = con, order_by
+        self.stage, self.source, self.signature, self.shard_size = stage, source, signature, shard_size
+        self.done, self.stale, self.n_units_todo = done, stale, n_units_todo
+        self.n_todo = -(-n_units_todo // shard_size)
+
+    def shards(self) -> Iterator[tuple[str, list[tuple[str, str]], dict[str, list]]]:
+        """``(shard key, [(unit key, fingerprint)], {other column: values})`` for each shard to do, in order:
+        at most one shard's units are held here at a time."""
+        reader = self._con.execute(f"SELECT * FROM plan_todo ORDER BY {self._order_by}").to_arrow_reader(
+            self.shard_size
+        )
+        names = [n for n in reader.schema.names if n not in ("key", "fp")]
+        chunk: dict[str, list] = {n: [] for n in ("key", "fp", *names)}
+        for batch in reader:
+            for name, values in zip(batch.schema.names, batch.columns, strict=True):
+                if name in chunk:
+                    chunk[name].extend(values.to_pylist())
+            while len(chunk["key"]) >= self.shard_size:
+                yield self._shard({n: v[: self.shard_size] for n, v in chunk.items()}, names)
+                chunk = {n: v[self.shard_size :] for n, v in chunk.items()}
+        if chunk["key"]:
+            yield self._shard(chunk, names)
+
+    def _shard(self, chunk: dict[str, list], names: list[str]):
+        units = list(zip(chunk["key"], chunk["fp"], strict=True))
+        key = stable_hash(self.stage, self.source, self.signature, units)
+        return key, units, {n: chunk[n] for n in names if n != "ord"}
+
+
 @dataclass
 class Manifest:
     stage: str
@@ -89,6 +127,15 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     committed_at: float = 0.0
+
+
+#: DuckDB's memory limit while planning (it spills to disk beyond it): the planner's memory does not grow with
+#: the corpus
+PLAN_MEMORY_LIMIT = "256MB"
+
+
+def _sql_str(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _safe(name: str) -> str:
@@ -128,14 +175,18 @@ class ShardStore:
 
     # -- manifests
     def manifests(self, stage: str, source: str) -> dict[str, Manifest]:
+        return dict(self.iter_manifests(stage, source))
+
+    def iter_manifests(self, stage: str, source: str, units: bool = True) -> Iterator[tuple[str, Manifest]]:
+        """``(shard key, manifest)`` of every committed shard, sorted, read one at a time; ``units=False``
+        leaves each manifest's unit list empty (its outputs and stats are what a reader over a corpus-sized
+        stage wants, in memory that does not grow with the units)."""
         d = self.manifest_dir(stage, source)
-        out = {}
         if d.exists():
             for p in sorted(d.glob("*.json")):
                 m = json.loads(p.read_text())
-                m["units"] = [tuple(u) for u in m["units"]]
-                out[p.stem] = Manifest(**m)
-        return out
+                m["units"] = [tuple(u) for u in m["units"]] if units else []
+                yield p.stem, Manifest(**m)
 
     def plan(
         self,
@@ -145,25 +196,90 @@ class ShardStore:
         signature: str,
         shard_size: int,
     ) -> ShardPlan:
-        """Group the units not covered by a valid committed shard into new shards of ``shard_size``."""
+        """Group the units not covered by a valid committed shard into new shards of ``shard_size``, in the
+        order given (a unit list held in memory; :meth:`plan_stream` for a corpus-sized one)."""
         units = list(units)
-        current = dict(units)
-        committed = self.manifests(stage, source)
-        covered: set[str] = set()
-        done, stale = [], []
-        for key, m in committed.items():
-            valid = m.signature == signature and all(current.get(k) == fp for k, fp in m.units)
-            if valid:
-                done.append(key)
-                covered.update(k for k, _ in m.units)
-            else:
-                stale.append(key)
-        pending = [(k, fp) for k, fp in units if k not in covered]
-        todo = []
-        for i in range(0, len(pending), shard_size):
-            chunk = pending[i : i + shard_size]
-            todo.append((stable_hash(stage, source, signature, chunk), chunk))
-        return ShardPlan(todo=todo, done=done, stale=stale)
+        table = pa.table({
+            "key": pa.array([k for k, _ in units], pa.string()),
+            "fp": pa.array([fp for _, fp in units], pa.string()),
+            "ord": pa.array(range(len(units)), pa.int64()),
+        })  # fmt: skip
+        con = duckdb.connect()
+        try:
+            con.register("given_units", table)
+            plan = self.plan_stream(
+                con, stage, source, "SELECT * FROM given_units", signature, shard_size, "ord"
+            )
+            return ShardPlan(todo=[(k, u) for k, u, _ in plan.shards()], done=plan.done, stale=plan.stale)
+        finally:
+            con.close()
+
+    def plan_stream(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        stage: str,
+        source: str,
+        units_sql: str,
+        signature: str,
+        shard_size: int,
+        order_by: str = "key",
+        memory_limit: str = PLAN_MEMORY_LIMIT,
+    ) -> StreamPlan:
+        """:meth:`plan` in memory bounded by the shard size, not the number of units.
+
+        ``units_sql`` is a query on ``con`` whose rows are the units: ``key``, ``fp`` and any further columns
+        (carried to each unit's shard, e.g. the file its input is read from), keys distinct. The comparison
+        with the committed manifests (read by DuckDB, never all at once into Python) and the ordering by
+        ``order_by`` run in DuckDB under ``memory_limit`` (spilling to disk beyond it); the shards to do are
+        then streamed in that order by :meth:`StreamPlan.shards`. ``con`` must stay open until they are
+        consumed; the plan's temporary tables live on it."""
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute("SET preserve_insertion_order = false")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE plan_units AS {units_sql}")
+        mdir = self.manifest_dir(stage, source)
+        if mdir.exists() and next(mdir.glob("*.json"), None) is not None:
+            manifests = (
+                f"read_json('{_sql_str(str(mdir))}/*.json', filename = true, "
+                "columns = {signature: 'VARCHAR', units: 'VARCHAR[][]'})"
+            )
+            shard = r"regexp_extract(filename, '([^/]+)\.json$', 1)"
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE plan_committed AS SELECT {shard} AS shard, signature, "
+                f"unnest(units) AS u FROM {manifests}"
+            )
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE plan_shards AS "
+                f"SELECT {shard} AS shard, signature FROM {manifests}"
+            )
+        else:
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE plan_committed (shard VARCHAR, signature VARCHAR, u VARCHAR[])"
+            )
+            con.execute("CREATE OR REPLACE TEMP TABLE plan_shards (shard VARCHAR, signature VARCHAR)")
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE plan_stale AS
+            SELECT shard FROM plan_shards WHERE signature IS DISTINCT FROM $sig
+            UNION
+            SELECT DISTINCT c.shard FROM plan_committed c LEFT JOIN plan_units p ON p.key = c.u[1]
+            WHERE p.fp IS DISTINCT FROM c.u[2]""",
+            {"sig": signature},
+        )
+        stale = sorted(r[0] for r in con.execute("SELECT shard FROM plan_stale").fetchall())
+        done = sorted(
+            r[0]
+            for r in con.execute(
+                "SELECT shard FROM plan_shards WHERE shard NOT IN (FROM plan_stale)"
+            ).fetchall()
+        )
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE plan_covered AS
+            SELECT DISTINCT u[1] AS key FROM plan_committed WHERE shard NOT IN (FROM plan_stale)"""
+        )
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW plan_todo AS FROM plan_units p ANTI JOIN plan_covered c USING (key)"
+        )
+        n_units = con.execute("SELECT count(*) FROM plan_todo").fetchone()[0]
+        return StreamPlan(con, stage, source, signature, shard_size, order_by, done, stale, n_units)
 
     def is_committed(self, stage: str, source: str, shard: str) -> bool:
         return (self.manifest_dir(stage, source) / f"{shard}.json").exists()

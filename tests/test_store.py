@@ -46,6 +46,29 @@ def test_plan_commit_resume_incremental_stale(tmp_path):
     assert len(store.plan("ingest", "s", units, "sig2", shard_size=2).stale) == 2
 
 
+def test_streamed_plan_from_sql_matches_the_list_plan_and_carries_extra_columns(tmp_path):
+    store = ShardStore(tmp_path)
+    units = [(f"u{i:02d}", f"fp{i % 3}") for i in range(11)]
+    first = store.plan("embed", "s", units, "sig", shard_size=4)
+    for key, chunk in first.todo[:1]:  # one shard committed, then the units change under the second
+        store.commit("embed", "s", key, "sig", chunk, {})
+    store.commit("embed", "s", "old", "sig", [("u04", "fp-old")], {})  # stale: a fingerprint changed
+    store.commit("embed", "s", "gone", "sig", [("zz", "fp")], {})  # stale: its unit is gone
+    store.commit("embed", "s", "empty", "sig", [], {})  # valid: nothing to check
+    listed = store.plan("embed", "s", units, "sig", shard_size=4)
+    con = duckdb.connect()
+    con.execute("CREATE TABLE src AS SELECT * FROM (VALUES " + ", ".join(
+        f"('{k}', '{fp}', 'file{i // 5}')" for i, (k, fp) in enumerate(units)) + ") t(key, fp, file)")  # fmt: skip
+    streamed = store.plan_stream(con, "embed", "s", "SELECT * FROM src", "sig", 4, order_by="file, key")
+    shards = list(streamed.shards())
+    assert [(k, u) for k, u, _ in shards] == listed.todo  # same units, same order, same shard keys
+    assert sorted(streamed.stale) == sorted(listed.stale) == ["gone", "old"]
+    assert sorted(streamed.done) == sorted(listed.done) and "empty" in listed.done
+    assert streamed.n_units_todo == sum(len(u) for _, u in listed.todo) == 7 and streamed.n_todo == 2
+    assert shards[0][2] == {"file": ["file0", "file1", "file1", "file1"]}  # the extra column, unit by unit
+    assert [k for k, _ in shards[0][1]] == ["u04", "u05", "u06", "u07"]
+
+
 def test_gc_removes_uncommitted_and_temp_files(tmp_path):
     store = ShardStore(tmp_path)
     store.ensure_tables()
