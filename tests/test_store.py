@@ -57,8 +57,8 @@ def test_streamed_plan_from_sql_matches_the_list_plan_and_carries_extra_columns(
     store.commit("embed", "s", "empty", "sig", [], {})  # valid: nothing to check
     listed = store.plan("embed", "s", units, "sig", shard_size=4)
     con = duckdb.connect()
-    con.execute("CREATE TABLE src AS SELECT * FROM (VALUES " + ", ".join(
-        f"('{k}', '{fp}', 'file{i // 5}')" for i, (k, fp) in enumerate(units)) + ") t(key, fp, file)")  # fmt: skip
+    values = ", ".join(f"('{k}', '{fp}', 'file{i // 5}')" for i, (k, fp) in enumerate(units))
+    con.execute(f"CREATE TABLE src AS SELECT * FROM (VALUES {values}) t(key, fp, file)")
     streamed = store.plan_stream(con, "embed", "s", "SELECT * FROM src", "sig", 4, order_by="file, key")
     shards = list(streamed.shards())
     assert [(k, u) for k, u, _ in shards] == listed.todo  # same units, same order, same shard keys
