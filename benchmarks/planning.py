@@ -109,7 +109,7 @@ def _run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
     from vlp_core.paths import DataLayout
 
     layout = DataLayout(Path(spec["root"]))
-    cfg = load_corpus_config("default")
+    cfg = load_corpus_config("default", {"runner.plan_memory_mb": spec["plan_memory_mb"]})
     rss_imports = peak_rss_mb()
     t0 = time.perf_counter()
     first = None
@@ -158,6 +158,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,4,16", help="multiples of the bundled text corpus")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--plan-memory-mb", type=int, default=128, help="runner.plan_memory_mb: DuckDB's limit")
     ap.add_argument("--work", help="keep the synthetic stores here (default: a temporary directory)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -183,7 +184,9 @@ def main() -> int:
                 f"{k}x: {built['texts']:,} sentence rows ingested in {built['ingest_seconds']} s", flush=True
             )
             for stage in stages:
-                r = run_stage_child(__file__, stage, {"root": built["root"]}, work, env)
+                r = run_stage_child(
+                    __file__, stage, {"root": built["root"], "plan_memory_mb": args.plan_memory_mb}, work, env
+                )
                 results.append({"scale": k, "stage": stage, "texts": built["texts"], **r})
                 print(f"  {stage}: peak {r['peak_rss_mb']:.0f} MB, {r['units']:,} units", flush=True)
     base = {r["stage"]: r["peak_rss_mb"] for r in results if r["scale"] == scales[0]}
@@ -197,7 +200,10 @@ def main() -> int:
               "peak RSS MB", f"vs {scales[0]}x"]  # fmt: skip
     print()
     print(fmt_table(header, lines))
-    print(f"  load average {load_average()}; one shard computed per stage (not committed)")
+    print(
+        f"  load average {load_average()}; one shard computed per stage (not committed); "
+        f"runner.plan_memory_mb {args.plan_memory_mb}"
+    )
     if args.json:
         print(json.dumps(results, indent=1))
     return 0

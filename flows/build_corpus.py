@@ -148,6 +148,7 @@ def stream_jobs(
     shard_size: int,
     order_by: str = "key",
     payload: dict[str, Any] | None = None,
+    memory_mb: int = 128,
 ) -> JobStream:
     """Plan ``stage`` over the corpus units ``units_sql`` (a catalog query with columns ``key``, ``fp`` and
     optionally ``file``, the Parquet file its input is read from: a job carries ``payload["files"]``,
@@ -155,7 +156,7 @@ def stream_jobs(
     store = ShardStore(layout.store)
     con = connect(layout.catalog)
     try:
-        plan = store.plan_stream(con, stage, CORPUS, units_sql, signature, shard_size, order_by)
+        plan = store.plan_stream(con, stage, CORPUS, units_sql, signature, shard_size, order_by, memory_mb)
     except BaseException:
         con.close()
         raise
@@ -317,7 +318,8 @@ def plan_regions(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     signature = stable_hash(REGIONS, cfg.regions.model_dump(exclude={"shard_size", "batch_size", "device"}),
                             REGIONS_CODE)  # fmt: skip
     units = "SELECT image_id AS key, image_id AS fp, filename AS file FROM images"
-    return stream_jobs(layout, REGIONS, units, signature, cfg.regions.shard_size, "file, key")
+    return stream_jobs(layout, REGIONS, units, signature, cfg.regions.shard_size, "file, key",
+                       memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
 
 
 @flow(name="regions")
@@ -352,7 +354,8 @@ SHARD_ROWS[EMBED] = _embed_rows
 def plan_embed(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Every distinct sentence not yet embedded under the current model → shards of ``embed.shard_size``."""
     signature = stable_hash(EMBED, cfg.embed.model_path, EMBED_CODE)
-    return stream_jobs(layout, EMBED, TEXT_UNITS, signature, cfg.embed.shard_size, "file, key")
+    return stream_jobs(layout, EMBED, TEXT_UNITS, signature, cfg.embed.shard_size, "file, key",
+                       memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
 
 
 @task(name="build-index", cache_policy=NO_CACHE)
@@ -472,7 +475,7 @@ def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Noun phrases of every sentence that some image retrieved."""
     units = f"{TEXT_UNITS} WHERE text_id IN (SELECT text_id FROM retrieved_pairs)"
     return stream_jobs(layout, PHRASES, units, stable_hash(PHRASES, LANGUAGE_CODE), cfg.link.shard_size,
-                       "file, key")  # fmt: skip
+                       "file, key", memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
 
 
 @task(name="plan-links", cache_policy=NO_CACHE)
@@ -644,7 +647,7 @@ def plan_ground(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
         )
     ]
     return stream_jobs(layout, GROUND, TEXT_UNITS, ground_signature(concepts), cfg.ground.shard_size,
-                       "file, key", {"concepts": concepts})  # fmt: skip
+                       "file, key", {"concepts": concepts}, cfg.runner.plan_memory_mb)  # fmt: skip
 
 
 @flow(name="ground")

@@ -131,7 +131,7 @@ class Manifest:
 
 #: DuckDB's memory limit while planning (it spills to disk beyond it): the planner's memory does not grow with
 #: the corpus
-PLAN_MEMORY_LIMIT = "256MB"
+PLAN_MEMORY_MB = 128
 
 
 def _sql_str(text: str) -> str:
@@ -223,17 +223,17 @@ class ShardStore:
         signature: str,
         shard_size: int,
         order_by: str = "key",
-        memory_limit: str = PLAN_MEMORY_LIMIT,
+        memory_mb: int = PLAN_MEMORY_MB,
     ) -> StreamPlan:
         """:meth:`plan` in memory bounded by the shard size, not the number of units.
 
         ``units_sql`` is a query on ``con`` whose rows are the units: ``key``, ``fp`` and any further columns
         (carried to each unit's shard, e.g. the file its input is read from), keys distinct. The comparison
         with the committed manifests (read by DuckDB, never all at once into Python) and the ordering by
-        ``order_by`` run in DuckDB under ``memory_limit`` (spilling to disk beyond it); the shards to do are
+        ``order_by`` run in DuckDB under ``memory_mb`` (spilling to disk beyond it); the shards to do are
         then streamed in that order by :meth:`StreamPlan.shards`. ``con`` must stay open until they are
         consumed; the plan's temporary tables live on it."""
-        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
         con.execute("SET preserve_insertion_order = false")
         con.execute(f"CREATE OR REPLACE TEMP TABLE plan_units AS {units_sql}")
         mdir = self.manifest_dir(stage, source)

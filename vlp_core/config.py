@@ -66,6 +66,9 @@ class RunnerConfig(_Strict):
     kind: Literal["thread", "dask"] = "thread"
     max_workers: int | None = None  # threads; default: CPU count
     dask_address: str | None = None  # an existing scheduler; None starts a LocalCluster
+    plan_memory_mb: int = Field(
+        128, ge=16, description="DuckDB's memory while planning a stage (it spills to disk beyond it)"
+    )
 
 
 class EmbedConfig(_Strict):
