@@ -100,7 +100,6 @@ def make_batches(model: Any, n: int, batch_size: int, seed: int = 0) -> list[dic
     return out
 
 
-OPTIMIZERS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 PHASES = ("zero_grad", "forward", "backward", "optimizer")
 
 
@@ -109,13 +108,15 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     lockstep (step i of each in turn), so every optimiser sees the same machine load."""
     import torch
 
+    from vlp_core.train.trainer import ADAMW_IMPL
+
     torch.set_num_threads(spec["threads"])
     runs = []
     for name in spec["optimizers"]:
         torch.manual_seed(0)
         model = build_model(spec["shape"], spec["variant"]).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **OPTIMIZERS[name])
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL[name])
         runs.append({"name": name, "model": model, "opt": opt, "params": sum(p.numel() for p in params),
                      "phases": {k: [] for k in PHASES}, "times": []})  # fmt: skip
     batches = make_batches(runs[0]["model"], spec["batches"], spec["batch_size"])

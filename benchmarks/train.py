@@ -12,8 +12,9 @@ data indexing and ``--warmup`` steps come before the clock; ``--steps`` steps ar
                    ``vlp_core.tasks.build_spec``, as the trainer builds it), ONE pre-collated batch of the
                    ``pair`` stream reused every step, and a bare loop of ``model(batch, step=,
                    steps_per_epoch=, kind="pair", stage=<the stage drawing pairs>)`` → ``loss.backward()`` →
-                   ``torch.optim.AdamW.step()`` → ``zero_grad()`` over every parameter that requires a
-                   gradient (the paired stage of each recipe trains everything). No data loading, no
+                   ``torch.optim.AdamW.step()`` (the implementation the trainer uses, ``optim.impl``) →
+                   ``zero_grad()`` over every parameter that requires a gradient (the paired stage of each
+                   recipe trains everything). No data loading, no
                    scheduler, no clipping, no logging.
 2. ``data-only``   no model: the pretrain task's pair stream (``vlp_core.tasks.pretrain.pair_stream``:
                    ``PairDataset`` + ``PretrainCollator``) in ``DataLoader(batch_size,
@@ -117,7 +118,9 @@ def _stage_plain(spec: dict[str, Any]) -> dict[str, Any]:
     model = train_spec.model
     del train_spec, stream  # datasets, tokenizer, evaluation closure: the baseline keeps only model + batch
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    from vlp_core.train.trainer import ADAMW_IMPL
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, **ADAMW_IMPL[config.optim.impl])
 
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     step_s: list[float] = []

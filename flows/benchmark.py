@@ -99,12 +99,14 @@ NO_VLP = {"": ("albef", "albef_tiny"), "regions": ("mu-vla", "mu_vla_tiny")}
 
 
 def _hash(cfg: TrainConfig, version: Callable[[str], str]) -> str:
-    """The run's key: its resolved config (less where it runs and how often it logs) and the version of
-    every task dataset it reads (:func:`~vlp_core.data.task_data.dataset_version`), so rebuilt or
-    re-imported task data re-keys the runs on it."""
+    """The run's key: its resolved config (less where it runs, how often it logs and which implementation of
+    the same optimiser update it uses) and the version of every task dataset it reads
+    (:func:`~vlp_core.data.task_data.dataset_version`), so rebuilt or re-imported task data re-keys the runs
+    on it."""
     d = cfg.model_dump(mode="json")
     for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):  # where, not what
         d.pop(k, None)
+    d["optim"].pop("impl", None)  # how the same update is computed, not what
     data = {name: version(name) for name in sorted(set(cfg.task.store_datasets()))}
     return stable_hash(d, data) if data else stable_hash(d)
 

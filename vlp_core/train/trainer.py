@@ -54,6 +54,14 @@ __all__ = [
 ]
 
 
+#: ``optim.impl`` → the keyword arguments of ``torch.optim.AdamW`` choosing its implementation
+ADAMW_IMPL: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "loop": {"foreach": False},
+}
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -207,7 +215,7 @@ class _StageRuntime:
         for g in groups:
             g["lr"] = o.lr * g["lr_mult"]
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **ADAMW_IMPL[o.impl])
         total = self.end - self.start
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
