@@ -33,6 +33,7 @@ wall-clock over the work only, with the stage's CPU seconds (all threads) beside
     .venv/bin/python benchmarks/corpus.py                                  # all three, default sizes
     .venv/bin/python benchmarks/corpus.py --vectors 100000 --sentences 300 --images 16
     .venv/bin/python benchmarks/corpus.py --bench faiss --nprobe 1,16,64 --json
+    .venv/bin/python benchmarks/corpus.py --bench faiss --real --nprobe 8,16,32,64,128   # real embeddings
 """
 
 from __future__ import annotations
@@ -197,8 +198,43 @@ def _stage_sbert(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str, A
 # ------------------------------------------------------------------------------------------------ faiss
 
 
+def real_vectors(cache: Path, catalog: Path, batch_size: int = 128) -> dict[str, Any]:
+    """Real sentence embeddings as the corpus stores them (MiniLM, L2-normalised, float16): the database is
+    every distinct sentence of the bundled text sources (WordNet glosses and examples, the Lee news corpus,
+    ingested as the ingest stage does), the queries the distinct non-empty tag sentences of ``catalog``'s
+    ``image_tags`` (what the retrieve stage searches with). Embedded once into ``cache`` (``.npz``)."""
+    import numpy as np
+
+    if cache.exists():
+        with np.load(cache) as z:
+            return {"vectors": int(z["x"].shape[0]), "queries": int(z["q"].shape[0]), "path": str(cache)}
+    from benchmarks.planning import real_sentences
+    from stores.catalog import connect
+    from vlp_core.corpus.stages import sentence_encoder
+
+    con = connect(catalog)
+    try:
+        sql = "SELECT DISTINCT tag_sentence FROM image_tags WHERE tag_sentence <> '' ORDER BY 1"
+        tags = [r[0] for r in con.execute(sql).fetchall()]
+    finally:
+        con.close()
+    if not tags:
+        raise SystemExit(f"no tag sentences in {catalog}: build a corpus with the regions stage first")
+    sentences = real_sentences(cache.parent)
+    enc = sentence_encoder(None, None, batch_size)
+    t0 = time.perf_counter()
+    x = np.concatenate([enc.encode_f16(sentences[i : i + 8192]) for i in range(0, len(sentences), 8192)])
+    q = enc.encode_f16(tags)
+    print(f"embedded {len(sentences):,} sentences and {len(tags):,} tag sentences in "
+          f"{time.perf_counter() - t0:.0f} s -> {cache}", file=sys.stderr)  # fmt: skip
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, x=x, q=q)
+    return {"vectors": len(sentences), "queries": len(tags), "path": str(cache)}
+
+
 def make_vectors(spec: dict[str, Any]):
     """(database [n, dim], queries [q, dim]) float32, L2-normalised, deterministic in ``spec['seed']``.
+    With ``spec['real']``, the cached real embeddings of :func:`real_vectors` instead.
 
     Database rows are a random centre (``centers`` of them, unit norm) plus Gaussian noise of expected norm
     ``noise``; queries are random database rows plus noise of expected norm ``query_noise``. Generated in
@@ -207,6 +243,12 @@ def make_vectors(spec: dict[str, Any]):
     import faiss
     import numpy as np
 
+    if spec.get("real"):
+        with np.load(spec["real"]) as z:
+            x, q = z["x"].astype(np.float32), z["q"].astype(np.float32)
+        faiss.normalize_L2(x)  # float16 storage leaves norms a hair off 1
+        faiss.normalize_L2(q)
+        return x, q
     n, dim, seed, chunk = spec["vectors"], spec["dim"], spec["seed"], 65_536
     rng = np.random.default_rng([seed, 0])
     centers = rng.standard_normal((spec["centers"], dim), dtype=np.float32)
@@ -487,13 +529,20 @@ def report_faiss(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path
                 f"{r['peak_rss_mb']:,.0f}", "-" if s["vs_exact"] is None else f"{s['vs_exact']:.1f}x",
             ])  # fmt: skip
     print(_fmt_table(header, lines))
-    print(
-        f"  {spec['vectors']:,} x {spec['dim']}-d float32 "
-        f"({spec['vectors'] * spec['dim'] * 4 / MB:,.0f} MB), "
-        f"{spec['centers']:,} centres, noise {spec['noise']}, {spec['queries']:,} queries (noise "
-        f"{spec['query_noise']}), top-{k}; peak RSS includes the vectors themselves (RSS with the vectors "
-        f"generated: {min(r['rss_at_start_mb'] for r in rows):,.0f} MB)"
-    )
+    if spec.get("real"):
+        print(
+            f"  real: {spec['vectors']:,} bundled sentences x {spec['dim']}-d (MiniLM, as the embed stage "
+            f"stores them), {spec['queries']:,} real tag-sentence queries, top-{k}; peak RSS includes the "
+            f"vectors (RSS with them loaded: {min(r['rss_at_start_mb'] for r in rows):,.0f} MB)"
+        )
+    else:
+        print(
+            f"  {spec['vectors']:,} x {spec['dim']}-d float32 "
+            f"({spec['vectors'] * spec['dim'] * 4 / MB:,.0f} MB), "
+            f"{spec['centers']:,} centres, noise {spec['noise']}, {spec['queries']:,} queries (noise "
+            f"{spec['query_noise']}), top-{k}; peak RSS includes the vectors themselves (RSS with the "
+            f"vectors generated: {min(r['rss_at_start_mb'] for r in rows):,.0f} MB)"
+        )
     for r in rows:
         print(
             f"  {r['stage']:>11}: build {r['build_seconds']:.1f} s wall, {r['build_cpu_seconds']:.1f} s CPU"
@@ -559,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--queries", type=int, default=1000)
     g.add_argument("--query-noise", type=float, default=0.3, help="expected norm of a query's offset")
+    g.add_argument(
+        "--real",
+        action="store_true",
+        help="real vectors: the bundled sentences' MiniLM embeddings, queried by the catalog's tag "
+        "sentences (embedded once into --real-cache)",
+    )
+    g.add_argument("--real-cache", type=Path, help="default: <data>/cache/faiss-bench-real.npz")
     g.add_argument("--k", type=int, default=5, help="top-k for search and recall (default 5)")
     g.add_argument("--nprobe", default="16,64", help="comma-separated nprobe values (default 16,64)")
     g.add_argument(
@@ -596,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
                     "nprobe": [int(v) for v in args.nprobe.split(",") if v],
                     "memory_budget_bytes": int(args.memory_budget_gb * 2**30),
                 }  # fmt: skip
+                if args.real:
+                    from vlp_core.paths import DataLayout
+
+                    layout = DataLayout.default()
+                    cache = args.real_cache or layout.root / "cache" / "faiss-bench-real.npz"
+                    real = real_vectors(cache, layout.catalog)
+                    spec.update(real=real["path"], vectors=real["vectors"], queries=real["queries"])
             else:
                 from vlp_core.paths import DataLayout
 

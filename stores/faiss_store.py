@@ -44,13 +44,27 @@ class IndexMeta:
     signature: str = ""  # what it was built from (the flow rebuilds when this changes)
 
 
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 * 2**30, exact_below: int = 10_000) -> str:
-    """Index factory string for ``n`` vectors of ``dim`` under a memory budget."""
-    if n < exact_below:
+#: below this many vectors the index is exact (``Flat``). Measured on the bundled corpus's real sentence
+#: embeddings (167,489 MiniLM vectors, queried by 1,273 real tag sentences, one core), exact search ran
+#: 670-718 queries/s (a corpus of 13k images retrieved in about 20 s), and no approximate index reached
+#: 0.95 of its recall@5 at 10x its speed: IVF2048,Flat 0.84 at nprobe 16 (16x), 0.955 at nprobe 128 (1.9x);
+#: HNSW32 0.964 at efSearch 128 (3.2x). Tag-sentence queries sit among many near-tied sentences, so
+#: approximate search buys little speed for much recall. Exact search costs n x dim per query (1M vectors:
+#: about 120 queries/s on one core, extrapolated linearly).
+EXACT_BELOW = 1_000_000
+
+
+def choose_factory(
+    n: int, dim: int, memory_budget_bytes: int = 4 * 2**30, exact_below: int = EXACT_BELOW
+) -> str:
+    """Index factory string for ``n`` vectors of ``dim`` under a memory budget: exact below ``exact_below``
+    vectors while float32 vectors fit the budget, then IVF (flat lists), then OPQ + IVF + PQ."""
+    fits = n * dim * 4 <= memory_budget_bytes
+    if n < exact_below and fits:
         return "Flat"
     k = int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
     k = min(k, max(1, n // 39))  # FAISS wants >= 39 training points per centroid
-    if n * dim * 4 <= memory_budget_bytes:
+    if fits:
         return f"IVF{k},Flat"
     m = next(m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
     return f"OPQ{m},IVF{k},PQ{m}"

@@ -189,8 +189,11 @@ def test_catalog_views_dedup_and_empty_store(tmp_path):
 
 
 def test_choose_factory_by_size():
-    assert choose_factory(500, 384) == "Flat"
-    assert choose_factory(200_000, 384).startswith("IVF") and choose_factory(200_000, 384).endswith(",Flat")
+    assert choose_factory(500, 384) == choose_factory(200_000, 384) == "Flat"
+    assert choose_factory(2_000_000, 384).startswith("IVF") and choose_factory(2_000_000, 384).endswith(
+        ",Flat"
+    )
+    assert choose_factory(200_000, 384, memory_budget_bytes=2**20).startswith("OPQ")  # Flat would not fit
     assert choose_factory(50_000_000, 384, memory_budget_bytes=2**30).startswith("OPQ")
 
 
@@ -199,7 +202,9 @@ def test_faiss_store_roundtrip_and_recall(tmp_path):
     x = rng.standard_normal((20_000, 32)).astype("float32")
     ids = np.array([f"id{i}" for i in range(len(x))], dtype=object)
     fs = FaissStore(tmp_path)
-    meta = fs.build_and_save("sent", x, ids, nprobe=32)
+    meta = fs.build_and_save(
+        "sent", x, ids, factory=choose_factory(len(x), 32, exact_below=10_000), nprobe=32
+    )
     assert meta.factory.startswith("IVF") and meta.count == 20_000
     index, got_ids, meta2 = fs.load("sent")
     assert meta2 == meta and list(got_ids[:3]) == ["id0", "id1", "id2"]

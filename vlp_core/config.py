@@ -85,8 +85,14 @@ class IndexConfig(_Strict):
 
     factory: str | None = Field(None, description="FAISS factory string; None chooses by size and memory")
     memory_budget_gb: float = 4.0
-    exact_below: int = 10_000
-    nprobe: int = 16
+    exact_below: int = Field(
+        1_000_000, description="exact (Flat) below this many vectors; see stores.faiss_store.EXACT_BELOW"
+    )
+    nprobe: int = Field(
+        128,
+        description="IVF lists searched; on the bundled corpus's real embeddings (2,048 lists) recall@5 "
+        "was 0.84 at 16, 0.92 at 64, 0.955 at 128",
+    )
     train_sample: int = 262_144
 
 
