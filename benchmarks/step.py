@@ -140,6 +140,21 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
             if not torch.isfinite(out.loss):
                 raise RuntimeError(f"step {i}: loss {out.loss}")
             r["loss"] = float(out.loss)
+    profile = None
+    if spec.get("profile"):  # a few more steps of the first optimiser under torch.profiler: where the ops go
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        r = runs[0]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(3):
+                r["opt"].zero_grad(set_to_none=set_to_none)
+                out = r["model"](
+                    batches[i % len(batches)], step=i, steps_per_epoch=1000, kind="pair", stage=None
+                )
+                out.loss.backward()
+                r["opt"].step()
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["profile"])
     rows = []
     for r in runs:
         med = statistics.median(r["times"])
@@ -149,7 +164,7 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
             "phase_ms": {k: statistics.median(v) for k, v in r["phases"].items()},
             "peak_rss_mb": peak_rss_mb(), "loss": r["loss"],
         })  # fmt: skip
-    return {"rows": rows}
+    return {"rows": rows, "profile": profile}
 
 
 def main() -> None:
@@ -173,6 +188,14 @@ def main() -> None:
         default="none",
         help="zero_grad(set_to_none=True) (none) or keep the gradient buffers and zero them",
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, profile 3 more (first optimiser) and print the N ops with the "
+        "most self CPU time",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -181,12 +204,12 @@ def main() -> None:
         return
     import subprocess
 
-    rows = []
+    rows, profiles = [], []
     for variant in args.variants.split(","):
         spec = {
             "shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
             "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-            "optimizers": args.optimizers.split(","), "zero_grad": args.zero_grad,
+            "optimizers": args.optimizers.split(","), "zero_grad": args.zero_grad, "profile": args.profile,
         }  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(
@@ -194,7 +217,10 @@ def main() -> None:
         )
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        rows.extend(json.loads(proc.stdout.strip().splitlines()[-1])["rows"])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.extend(result["rows"])
+        if result.get("profile"):
+            profiles.append((variant, result["profile"]))
     if args.shape == "reference":
         for r in rows:
             if r["variant"] == "pretrain" and r["params"] != REFERENCE_PARAMS:
@@ -218,6 +244,8 @@ def main() -> None:
     ))  # fmt: skip
     if len(args.optimizers.split(",")) > 1:
         print("  optimisers of one variant ran in lockstep in one process; the peak RSS is that process's")
+    for variant, table in profiles:
+        print(f"\n== profile: {variant}, 3 steps ({args.optimizers.split(',')[0]} AdamW)\n{table}")
 
 
 if __name__ == "__main__":
