@@ -132,10 +132,9 @@ class Manifest:
 #: DuckDB's memory limit while planning (it spills to disk beyond it): the planner's memory does not grow with
 #: the corpus
 PLAN_MEMORY_MB = 128
-
-
-def _sql_str(text: str) -> str:
-    return text.replace("'", "''")
+_MANIFEST_ROWS = pa.schema([
+    ("shard", pa.string()), ("signature", pa.string()), ("key", pa.string()), ("fp", pa.string())
+])  # fmt: skip
 
 
 def _safe(name: str) -> str:
@@ -236,32 +235,23 @@ class ShardStore:
         con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
         con.execute("SET preserve_insertion_order = false")
         con.execute(f"CREATE OR REPLACE TEMP TABLE plan_units AS {units_sql}")
-        mdir = self.manifest_dir(stage, source)
-        if mdir.exists() and next(mdir.glob("*.json"), None) is not None:
-            manifests = (
-                f"read_json('{_sql_str(str(mdir))}/*.json', filename = true, "
-                "columns = {signature: 'VARCHAR', units: 'VARCHAR[][]'})"
-            )
-            shard = r"regexp_extract(filename, '([^/]+)\.json$', 1)"
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE plan_committed AS SELECT {shard} AS shard, signature, "
-                f"unnest(units) AS u FROM {manifests}"
-            )
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE plan_shards AS "
-                f"SELECT {shard} AS shard, signature FROM {manifests}"
-            )
-        else:
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE plan_committed (shard VARCHAR, signature VARCHAR, u VARCHAR[])"
-            )
-            con.execute("CREATE OR REPLACE TEMP TABLE plan_shards (shard VARCHAR, signature VARCHAR)")
+        # The committed manifests, streamed into DuckDB in batches (one manifest in Python at a time): a
+        # row per unit, and one with no key per shard (so a shard of no units still counts). Not DuckDB's
+        # read_json: it holds a 32 MiB buffer per thread whatever the files' size, and fails under the limit.
+        con.register("plan_manifests", pa.RecordBatchReader.from_batches(
+            _MANIFEST_ROWS, self._manifest_batches(stage, source)
+        ))  # fmt: skip
+        con.execute("CREATE OR REPLACE TEMP TABLE plan_committed AS FROM plan_manifests")
+        con.unregister("plan_manifests")
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE plan_shards AS SELECT DISTINCT shard, signature FROM plan_committed"
+        )
         con.execute(
             """CREATE OR REPLACE TEMP TABLE plan_stale AS
             SELECT shard FROM plan_shards WHERE signature IS DISTINCT FROM $sig
             UNION
-            SELECT DISTINCT c.shard FROM plan_committed c LEFT JOIN plan_units p ON p.key = c.u[1]
-            WHERE p.fp IS DISTINCT FROM c.u[2]""",
+            SELECT DISTINCT c.shard FROM plan_committed c LEFT JOIN plan_units p ON p.key = c.key
+            WHERE c.key IS NOT NULL AND p.fp IS DISTINCT FROM c.fp""",
             {"sig": signature},
         )
         stale = sorted(r[0] for r in con.execute("SELECT shard FROM plan_stale").fetchall())
@@ -273,13 +263,31 @@ class ShardStore:
         )
         con.execute(
             """CREATE OR REPLACE TEMP TABLE plan_covered AS
-            SELECT DISTINCT u[1] AS key FROM plan_committed WHERE shard NOT IN (FROM plan_stale)"""
+            SELECT DISTINCT key FROM plan_committed
+            WHERE key IS NOT NULL AND shard NOT IN (FROM plan_stale)"""
         )
         con.execute(
             "CREATE OR REPLACE TEMP VIEW plan_todo AS FROM plan_units p ANTI JOIN plan_covered c USING (key)"
         )
         n_units = con.execute("SELECT count(*) FROM plan_todo").fetchone()[0]
         return StreamPlan(con, stage, source, signature, shard_size, order_by, done, stale, n_units)
+
+    def _manifest_batches(self, stage: str, source: str, rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        cols: dict[str, list] = {n: [] for n in _MANIFEST_ROWS.names}
+
+        def add(shard: str, signature: str, key: str | None, fp: str | None) -> None:
+            for name, v in zip(_MANIFEST_ROWS.names, (shard, signature, key, fp), strict=True):
+                cols[name].append(v)
+
+        for shard, m in self.iter_manifests(stage, source):
+            add(shard, m.signature, None, None)
+            for key, fp in m.units:
+                add(shard, m.signature, key, fp)
+            if len(cols["shard"]) >= rows:
+                yield pa.RecordBatch.from_pydict(cols, schema=_MANIFEST_ROWS)
+                cols = {n: [] for n in _MANIFEST_ROWS.names}
+        if cols["shard"]:
+            yield pa.RecordBatch.from_pydict(cols, schema=_MANIFEST_ROWS)
 
     def is_committed(self, stage: str, source: str, shard: str) -> bool:
         return (self.manifest_dir(stage, source) / f"{shard}.json").exists()

@@ -69,6 +69,21 @@ def test_streamed_plan_from_sql_matches_the_list_plan_and_carries_extra_columns(
     assert [k for k, _ in shards[0][1]] == ["u04", "u05", "u06", "u07"]
 
 
+def test_plan_reads_many_manifests_within_a_small_memory_limit(tmp_path):
+    """Hundreds of tiny manifests under a 64 MB limit (DuckDB's JSON reader needed 32 MiB a thread for any
+    file, and a 150-shard benchmark failed to plan at the 128 MB default)."""
+    store = ShardStore(tmp_path)
+    units = [(f"u{i:03d}", "fp") for i in range(300)]
+    for key, chunk in store.plan("bench", "s", units, "sig", shard_size=1).todo[:290]:
+        store.commit("bench", "s", key, "sig", chunk, {})
+    con = duckdb.connect()
+    values = ", ".join(f"('{k}', '{fp}')" for k, fp in units)
+    con.execute(f"CREATE TABLE src AS SELECT * FROM (VALUES {values}) t(key, fp)")
+    plan = store.plan_stream(con, "bench", "s", "SELECT * FROM src", "sig", 1, memory_mb=64)
+    assert len(plan.done) == 290 and not plan.stale
+    assert [u for _, u, _ in plan.shards()] == [[u] for u in units[290:]]
+
+
 def test_gc_removes_uncommitted_and_temp_files(tmp_path):
     store = ShardStore(tmp_path)
     store.ensure_tables()
