@@ -112,13 +112,16 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     runs = []
-    for name in spec["optimizers"]:
-        torch.manual_seed(0)
-        model = build_model(spec["shape"], spec["variant"]).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL[name])
-        runs.append({"name": name, "model": model, "opt": opt, "params": sum(p.numel() for p in params),
-                     "phases": {k: [] for k in PHASES}, "times": []})  # fmt: skip
+    for top in spec["top_layer"]:
+        for name in spec["optimizers"]:
+            torch.manual_seed(0)
+            model = build_model(spec["shape"], spec["variant"]).train()
+            model.backbone.prune_top_layer = top == "pruned"
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL[name])
+            runs.append({"name": name, "top": top, "model": model, "opt": opt,
+                         "params": sum(p.numel() for p in params), "phases": {k: [] for k in PHASES},
+                         "times": []})  # fmt: skip
     batches = make_batches(runs[0]["model"], spec["batches"], spec["batch_size"])
     set_to_none = spec["zero_grad"] == "none"
     for i in range(spec["warmup"] + spec["steps"]):
@@ -159,7 +162,8 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     for r in runs:
         med = statistics.median(r["times"])
         rows.append({
-            "variant": spec["variant"], "optimizer": r["name"], "zero_grad": spec["zero_grad"],
+            "variant": spec["variant"], "optimizer": r["name"], "top_layer": r["top"],
+            "zero_grad": spec["zero_grad"],
             "params": r["params"], "step_ms": 1000 * med, "samples_per_s": spec["batch_size"] / med,
             "phase_ms": {k: statistics.median(v) for k, v in r["phases"].items()},
             "peak_rss_mb": peak_rss_mb(), "loss": r["loss"],
@@ -196,6 +200,13 @@ def main() -> None:
         help="after the timed steps, profile 3 more (first optimiser) and print the N ops with the "
         "most self CPU time",
     )
+    ap.add_argument(
+        "--top-layer",
+        default="pruned",
+        help="comma-separated: pruned (the top fusion layer computed only where a loss reads it: [CLS] "
+        "for ITM, the masked tokens for MLM; the trainer's way) and/or full (every position, as the "
+        "reference code does); both = lockstep before/after",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,6 +221,7 @@ def main() -> None:
             "shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
             "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
             "optimizers": args.optimizers.split(","), "zero_grad": args.zero_grad, "profile": args.profile,
+            "top_layer": args.top_layer.split(","),
         }  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(
@@ -234,16 +246,16 @@ def main() -> None:
     lines = []
     for r in rows:
         base = first.setdefault(r["variant"], r["samples_per_s"])
-        lines.append([r["variant"], r["optimizer"], f"{r['params']:,}", f"{r['step_ms']:.1f}",
+        lines.append([r["variant"], r["optimizer"], r["top_layer"], f"{r['params']:,}", f"{r['step_ms']:.1f}",
                       *(f"{r['phase_ms'][k]:.1f}" for k in PHASES), f"{r['samples_per_s']:.2f}",
                       f"{r['samples_per_s'] / base:.2f}x", f"{r['peak_rss_mb']:.0f}",
                       f"{r['loss']:.3f}"])  # fmt: skip
     print(fmt_table(
-        ["variant", "AdamW", "trainable params", "step ms", *(f"{k} ms" for k in PHASES), "samples/s",
-         "vs first", "peak RSS MB", "last loss"], lines,
+        ["variant", "AdamW", "top layer", "trainable params", "step ms", *(f"{k} ms" for k in PHASES),
+         "samples/s", "vs first", "peak RSS MB", "last loss"], lines,
     ))  # fmt: skip
-    if len(args.optimizers.split(",")) > 1:
-        print("  optimisers of one variant ran in lockstep in one process; the peak RSS is that process's")
+    if len(args.optimizers.split(",")) * len(args.top_layer.split(",")) > 1:
+        print("  the rows of one variant ran in lockstep in one process; the peak RSS is that process's")
     for variant, table in profiles:
         print(f"\n== profile: {variant}, 3 steps ({args.optimizers.split(',')[0]} AdamW)\n{table}")
 

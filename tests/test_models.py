@@ -34,6 +34,7 @@ from vlp_core.models import (
     read_bert_checkpoint,
     vqa_loss,
 )
+from vlp_core.models.layers import TransformerLayer, key_mask, selected_rows, take_rows
 from vlp_core.objectives import mask_tokens, mlm_token_ids
 from vlp_core.recipes import ALBEF, RECIPES, ALBEFConfig, build_recipe
 from vlp_core.tasks import load_backbone_weights_
@@ -182,6 +183,54 @@ def test_fusion_layer_shapes_and_cross_attention_used():
     assert out.shape == (2, 7, 32)
     assert (out - other_image).abs().max() > 1e-3
     torch.testing.assert_close(out[1, :4], other_pad[1, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_top_layer_at_chosen_rows_equals_the_full_layer_there():
+    """A layer asked for a few positions (``rows``) gives exactly the full layer's outputs at them: post-LN
+    with cross-attention (fusion), pre-LN (ViT / VLMo), and a ragged selection through ``selected_rows``."""
+    torch.manual_seed(0)
+    x, image = torch.randn(3, 9, 32), torch.randn(3, 5, 24)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
+    selected = torch.zeros(3, 9, dtype=torch.bool)
+    selected[0, [1, 4, 8]] = True
+    selected[1, 5] = True  # row 2: nothing selected
+    rows, valid = selected_rows(selected)
+    assert rows.shape == valid.shape == (3, 3) and valid.sum() == 4
+    torch.testing.assert_close(take_rows(x, rows)[valid], x[selected])
+    for norm_first, cross in ((False, 24), (True, None)):
+        layer = TransformerLayer(32, 4, 64, 1e-12, 0.1, 0.1, cross_width=cross, norm_first=norm_first).eval()
+        km = key_mask(mask)
+        with torch.no_grad():
+            full = layer(x, km, image if cross else None)
+            at_rows = layer(x, km, image if cross else None, rows=rows)
+        torch.testing.assert_close(at_rows[valid], full[selected], rtol=1e-5, atol=1e-5)
+    text_cfg = TextConfig(None, num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64, dropout=0.0)
+    fusion = FusionEncoder(text_cfg, FusionConfig(num_layers=2), image_width=24).eval()
+    cls = torch.zeros(3, 1, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(x, mask, image, rows=cls)[:, 0], fusion(x, mask, image)[:, 0])
+
+
+def test_albef_pruned_top_layer_gives_the_full_computation(model, batch):
+    """ALBEF computes its top fusion layer only at [CLS] (ITM) and at the masked tokens (MLM), and the
+    momentum text encoder's top layer at [CLS] (ITC): losses, metrics, gradients, momentum weights and
+    queues equal the full computation (every position, as the reference code does)."""
+    pruned, full = copy.deepcopy(model), copy.deepcopy(model)
+    full.backbone.prune_top_layer = False
+    outs = []
+    for m in (pruned, full):
+        out = m(batch, step=3, steps_per_epoch=10)
+        out.loss.backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=1e-5, atol=1e-6)
+    for k in outs[1].metrics:
+        torch.testing.assert_close(outs[0].metrics[k], outs[1].metrics[k], rtol=1e-5, atol=1e-6)
+    grads = _grads(full)
+    assert grads.keys() == _grads(pruned).keys()
+    for name, g in _grads(pruned).items():
+        torch.testing.assert_close(g, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(pruned.state_dict().items(), full.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_cnn_frozen_bn_sample_alone_equals_sample_in_batch():

@@ -106,14 +106,18 @@ class FusionEncoder(nn.Module):
         text_mask: torch.Tensor,
         image_tokens: torch.Tensor,
         image_mask: torch.Tensor | None = None,
+        *,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``text_hidden`` (B, L, H), ``text_mask`` (B, L), ``image_tokens`` (B, N, Dv), ``image_mask``
-        optional (B, N) -> ``(B, L, H)``."""
+        optional (B, N) -> ``(B, L, H)``; with ``rows`` (B, Q) int64 the top layer computes only those
+        positions -> ``(B, Q, H)`` (see :meth:`TransformerLayer.forward`)."""
         key_mask = _key_mask(text_mask)
         img_mask = _key_mask(image_mask)
         x = text_hidden
-        for layer in self.layers:
-            x = layer(x, key_mask, image_tokens, img_mask)
+        top = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_mask, image_tokens, img_mask, rows=rows if i == top else None)
         return x
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp_core.models.layers import TransformerLayer, init_bert_
+from vlp_core.models.layers import TransformerLayer, init_bert_, take_rows
 from vlp_core.models.layers import key_mask as _key_mask
 
 __all__ = [
@@ -299,12 +299,18 @@ class TextEncoder(nn.Module):
             renames[f"layers.{i}."] = f"layers.{i}."
         return load_part_(self, state, renames)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``input_ids``, ``attention_mask`` (B, L) int64 (1 = token, 0 = padding) -> ``(B, L, hidden)``."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``input_ids``, ``attention_mask`` (B, L) int64 (1 = token, 0 = padding) -> ``(B, L, hidden)``;
+        with ``rows`` (B, Q) int64 the top layer computes only those positions -> ``(B, Q, hidden)``."""
         x = self.embeddings(input_ids)
         key_mask = _key_mask(attention_mask)
-        for layer in self.layers:
-            x = layer(x, key_mask)
+        top = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_mask, rows=rows if i == top else None)
+        if rows is not None and not self.layers:
+            x = take_rows(x, rows)
         return x
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlp_core.distributed import rank
 from vlp_core.models.backbones import DualStreamBackbone
+from vlp_core.models.layers import selected_rows
 from vlp_core.models.outputs import ModelOutput
 from vlp_core.models.text import pool_text
 from vlp_core.objectives import (
@@ -192,6 +193,11 @@ class ALBEF(Recipe):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(pooled)
 
+    def fuse_pooled(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.backbone.fuse_pooled(image_in, text_in, text_mask)
+
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """Online weights only (no momentum model, no queues): what fine-tuning starts from."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(_NOT_PRETRAINED)}
@@ -264,14 +270,16 @@ class ALBEF(Recipe):
         """
         ids, mask, labels = batch["mlm_input_ids"], batch["attention_mask"], batch["mlm_labels"]
         selected = labels != -100
-        hidden = self.fusion(self.text_encoder(ids, mask), mask, image_tokens)
-        logits = self.mlm_head(hidden[selected])
+        rows, valid = selected_rows(selected) if self.backbone.prune_top_layer else (None, selected)
+        # with rows, the top fusion layer computes the masked positions only: hidden[valid] == full[selected]
+        hidden = self.fusion(self.text_encoder(ids, mask), mask, image_tokens, rows=rows)
+        logits = self.mlm_head(hidden[valid])
         logits_m = None
         if alpha > 0:
             with torch.no_grad():
                 m = self.momentum
-                hidden_m = m["fusion"](m["text_encoder"](ids, mask), mask, image_tokens_m)
-                logits_m = m["mlm_head"](hidden_m[selected])
+                hidden_m = m["fusion"](m["text_encoder"](ids, mask), mask, image_tokens_m, rows=rows)
+                logits_m = m["mlm_head"](hidden_m[valid])
         loss = mlm_distill_loss(logits, labels[selected], logits_m, alpha)
         return loss * global_mean_scale(selected.sum())
 
@@ -315,7 +323,9 @@ class ALBEF(Recipe):
             m = self.momentum
             image_tokens_m = m["vision_encoder"](pixel_values)
             image_feat_m = F.normalize(m["vision_proj"](image_tokens_m[:, 0]), dim=-1)
-            text_hidden_m = m["text_encoder"](input_ids, attention_mask)
+            # only the pooled vector is read: the top layer at [CLS] alone when that is the pooling
+            rows = self.backbone.top_rows(attention_mask)
+            text_hidden_m = m["text_encoder"](input_ids, attention_mask, rows=rows)
             pooled_m = pool_text(text_hidden_m, attention_mask, self.backbone.config.pooling)
             text_feat_m = F.normalize(m["text_proj"](pooled_m), dim=-1)
 

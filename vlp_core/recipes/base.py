@@ -168,7 +168,14 @@ class Recipe(OnBackbone, nn.Module):
         self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """Fused pass on paired rows (row i image with row i text) -> ``(N, 2)`` match logits."""
-        return self.itm_head(self.fuse_inputs(image_in, text_in, text_mask).pooled)
+        return self.itm_head(self.fuse_pooled(image_in, text_in, text_mask))
+
+    def fuse_pooled(
+        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The pooled vector of :meth:`fuse_inputs` (what ITM reads); a recipe whose backbone computes it
+        for less than the whole fused sequence overrides this."""
+        return self.fuse_inputs(image_in, text_in, text_mask).pooled
 
     def itm_scores(
         self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor

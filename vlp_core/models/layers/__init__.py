@@ -9,7 +9,7 @@
 
 from vlp_core.models.layers.attention import MultiHeadAttention, key_mask
 from vlp_core.models.layers.feedforward import FeedForward, ModalityExperts, Route
-from vlp_core.models.layers.transformer import TransformerLayer, init_bert_
+from vlp_core.models.layers.transformer import TransformerLayer, init_bert_, selected_rows, take_rows
 
 __all__ = [
     "FeedForward",
@@ -19,4 +19,6 @@ __all__ = [
     "TransformerLayer",
     "init_bert_",
     "key_mask",
+    "selected_rows",
+    "take_rows",
 ]

@@ -8,7 +8,23 @@ from torch import nn
 from vlp_core.models.layers.attention import MultiHeadAttention
 from vlp_core.models.layers.feedforward import FeedForward, ModalityExperts, Route
 
-__all__ = ["TransformerLayer", "init_bert_"]
+__all__ = ["TransformerLayer", "init_bert_", "selected_rows", "take_rows"]
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, L, H) at ``rows`` (B, Q) int64 positions -> (B, Q, H)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def selected_rows(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(B, L)`` bool selection as ``rows`` (B, Q) int64 for :func:`take_rows` and ``valid`` (B, Q) bool,
+    Q = the most selected positions of any row (at least 1): ``take_rows(x, rows)[valid]`` is ``x[selected]``,
+    in the same order. Padding rows repeat a position and are not ``valid``."""
+    counts = selected.sum(1)
+    q = max(1, int(counts.max())) if selected.numel() else 1
+    rows = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :q]
+    valid = torch.arange(q, device=selected.device)[None] < counts[:, None]
+    return rows, valid
 
 
 def init_bert_(module: nn.Module, std: float = 0.02) -> None:
@@ -74,11 +90,19 @@ class TransformerLayer(nn.Module):
             self.ffn = FeedForward(hidden, intermediate, eps, dropout, norm_first=norm_first)
         self.drop = nn.Dropout(dropout)
 
-    def _attend(self, attn, norm, x, context, mask):
+    def _attend(self, attn, norm, x, context, mask, rows=None):
+        """One attention sub-block; ``context`` ``None`` = self-attention over ``x``. With ``rows`` (self-
+        attention only), only those positions of ``x`` are queries (and outputs); every position is a key."""
         if self.norm_first:
             h = norm(x)
-            return x + self.drop(attn(h, h if context is None else context, mask))
-        return norm(x + self.drop(attn(x, x if context is None else context, mask)))
+            keys = h if context is None else context
+            if rows is not None:
+                x, h = take_rows(x, rows), take_rows(h, rows)
+            return x + self.drop(attn(h, keys, mask))
+        keys = x if context is None else context
+        if rows is not None:
+            x = take_rows(x, rows)
+        return norm(x + self.drop(attn(x, keys, mask)))
 
     def forward(
         self,
@@ -87,9 +111,18 @@ class TransformerLayer(nn.Module):
         image: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         route: Route = None,
+        *,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` (B, L, hidden), ``key_mask`` (B, 1, 1, L) bool, ``image`` (B, N, Dv) -> (B, L, hidden)."""
-        x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask)
+        """``x`` (B, L, hidden), ``key_mask`` (B, 1, 1, L) bool, ``image`` (B, N, Dv) -> (B, L, hidden).
+
+        ``rows`` (B, Q) int64: compute only those positions' outputs -> (B, Q, hidden) (the top layer of a
+        stack whose loss reads a few positions: [CLS] for ITM, the masked tokens for MLM). Every position
+        still serves as a key, so each computed row equals the full layer's row at that position. Needs a
+        route that is a name (a per-token route would have to be taken at the rows too)."""
+        if rows is not None and torch.is_tensor(route):
+            raise ValueError("rows need a route by name, not per token")
+        x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask, rows)
         if self.cross_attn is not None:
             if image is None:
                 raise ValueError("a fusion layer needs image tokens")
