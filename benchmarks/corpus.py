@@ -562,6 +562,18 @@ def report_faiss(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path
 
 def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     print(_throughput_table(rows, "images", "feat-baseline", "vs timm forward"))
+    by = {r["stage"]: r for r in rows}
+    if {"feat-baseline", "detect", "region-rows"} <= set(by):
+        # the plain work of the stage on the same images: one detection pass + one backbone forward (wall
+        # and CPU seconds; CPU seconds hold better on a busy machine)
+        for what in ("seconds", "cpu_seconds"):
+            plain = by["feat-baseline"][what] + by["detect"][what]
+            ratio = plain / by["region-rows"][what]
+            line = f"  region_rows vs detection + one timm forward, {what}: {ratio:.2f}x"
+            if "feat-ours-1pass" in by and "feat-ours" in by:
+                one_pass = by["region-rows"][what] - by["feat-ours"][what] + by["feat-ours-1pass"][what]
+                line += f"; with tag_image_size=None (estimated): {plain / one_pass:.2f}x"
+            print(line)
     info = spec["info"]
     print(
         f"  {len(spec['jpegs'])} stored JPEGs (mean {info['mean_megapixels']:.2f} MP; "
