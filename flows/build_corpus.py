@@ -149,13 +149,18 @@ def stream_jobs(
     order_by: str = "key",
     payload: dict[str, Any] | None = None,
     memory_mb: int = 128,
+    prepare: Callable[[Any], None] | None = None,
 ) -> JobStream:
     """Plan ``stage`` over the corpus units ``units_sql`` (a catalog query with columns ``key``, ``fp`` and
     optionally ``file``, the Parquet file its input is read from: a job carries ``payload["files"]``,
-    ``{file: [unit keys]}``, never the inputs themselves); drop its stale shards; log the counts."""
+    ``{file: [unit keys]}``, never the inputs themselves; any other column reaches the job as a payload
+    list, one value per unit); drop its stale shards; log the counts. ``prepare(con)`` runs on the planning
+    connection first (e.g. :func:`python_units`)."""
     store = ShardStore(layout.store)
     con = connect(layout.catalog)
     try:
+        if prepare is not None:
+            prepare(con)
         plan = store.plan_stream(con, stage, CORPUS, units_sql, signature, shard_size, order_by, memory_mb)
     except BaseException:
         con.close()
@@ -180,6 +185,40 @@ def stream_jobs(
             yield ShardJob(stage, CORPUS, key, signature, units, job_payload)
 
     return JobStream(plan.n_todo, jobs(), con.close)
+
+
+def python_units(
+    con: Any,
+    sql: str,
+    unit: Callable[[dict[str, Any]], tuple],
+    columns: list[tuple[str, Any]],
+    table: str = "py_units",
+    rows: int = 4096,
+) -> None:
+    """``TEMP TABLE table`` of units computed in Python from the rows of ``sql`` on ``con``: ``unit(row)``
+    (a row as a dict) gives the values of ``columns`` (``[(name, pyarrow type)]``, ``key`` and ``fp``
+    first). Streamed in batches of ``rows``: memory holds one batch, not the corpus."""
+    import pyarrow as pa
+
+    schema = pa.schema(columns)
+    # rows are read on a second connection (a cursor) while ``con`` writes the table: a TEMP table belongs
+    # to the connection that made it, and one connection cannot run a statement while it streams another
+    reader_con = con.cursor()
+    try:
+        reader = reader_con.execute(sql).fetch_record_batch(rows)
+
+        def batches():
+            for batch in reader:
+                values = [unit(r) for r in batch.to_pylist()]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array([v[i] for v in values], t) for i, (_, t) in enumerate(columns)], schema=schema
+                )
+
+        con.register("py_unit_batches", pa.RecordBatchReader.from_batches(schema, batches()))
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS FROM py_unit_batches")
+        con.unregister("py_unit_batches")
+    finally:
+        reader_con.close()
 
 
 def read_by_id(files: dict[str, list[str]], id_column: str, column: str) -> dict[str, Any]:
@@ -438,37 +477,90 @@ def _retrieve_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
     index, ids = _sentence_index(job.payload["indexes"], job.payload["index_signature"])
     image_ids = [k for k, _ in job.units]
-    return corpus.retrieve_rows(enc, index, ids, image_ids, job.payload["queries"], cfg.retrieve.top_k)
+    return corpus.retrieve_rows(enc, index, ids, image_ids, job.payload["query"], cfg.retrieve.top_k)
 
 
 def _phrase_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
     return corpus.phrase_rows(corpus.phrase_extractor(), [k for k, _ in job.units], _texts_of(job))
 
 
+#: per image of ``image_tags`` (narrowed by ``{where}``): its tags, their origins, the best-scoring region of
+#: each detected label, and its retrieved sentences in rank order with their noun phrases in order
+LINK_ITEMS = """
+WITH t AS (SELECT image_id, tags, tag_origins FROM image_tags {where}),
+best AS (
+    SELECT image_id, list(struct_pack(label := label, region_idx := region_idx)) AS best FROM (
+        SELECT image_id, label, arg_max(region_idx, score) AS region_idx FROM regions
+        WHERE region_idx > 0 AND image_id IN (SELECT image_id FROM t) GROUP BY ALL
+    ) GROUP BY image_id
+),
+ret AS (SELECT image_id, text_id, rank FROM retrieved_pairs WHERE image_id IN (SELECT image_id FROM t)),
+ph AS (
+    SELECT text_id, list(struct_pack(i := phrase_idx, p := phrase) ORDER BY phrase_idx) AS phrases
+    FROM noun_phrases WHERE text_id IN (SELECT text_id FROM ret) GROUP BY text_id
+),
+texts AS (
+    SELECT r.image_id, list(struct_pack(text_id := r.text_id, phrases := p.phrases) ORDER BY r.rank) AS texts
+    FROM ret r LEFT JOIN ph p USING (text_id) GROUP BY r.image_id
+)
+SELECT t.image_id, t.tags, t.tag_origins, b.best, x.texts
+FROM t LEFT JOIN best b USING (image_id) LEFT JOIN texts x USING (image_id)
+"""
+
+
+def link_item(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A :data:`LINK_ITEMS` row -> (the links stage's item for the image, its fingerprint): ``tags``
+    [(tag, region)] (a detector tag's best-scoring region, 0 for image-level tags), ``texts`` [(text_id,
+    [(phrase_idx, phrase)])]."""
+    region = {b["label"]: b["region_idx"] for b in row["best"] or []}
+    tags = [
+        (t, region.get(t, 0) if o == "detector" else 0)
+        for t, o in zip(row["tags"], row["tag_origins"], strict=True)
+    ]
+    texts = [(x["text_id"], [(p["i"], p["p"]) for p in x["phrases"] or []]) for x in row["texts"] or []]
+    return {"image_id": row["image_id"], "tags": tags, "texts": texts}, stable_hash(tags, texts, n=8)
+
+
 def _link_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
+    """The shard's images' items, read from the catalog and checked against the planned fingerprints (the
+    catalog cannot have changed between plan and shard unnoticed)."""
+    con = connect(job.payload["catalog"])
+    try:
+        sql = LINK_ITEMS.format(where="WHERE image_id IN (SELECT unnest($ids))")
+        rows = con.execute(sql, {"ids": [k for k, _ in job.units]}).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    item_of = {r["image_id"]: link_item(r) for r in rows}
+    for key, fp in job.units:
+        if key not in item_of or item_of[key][1] != fp:
+            raise RuntimeError(f"links shard {job.shard}: image {key} changed in the catalog since planning")
     sim = corpus.similarity(cfg.link.similarity)
-    return corpus.link_rows(sim, job.payload["images"], cfg.link.min_score, cfg.link.mask_base)
+    items = [item_of[k][0] for k, _ in job.units]
+    return corpus.link_rows(sim, items, cfg.link.min_score, cfg.link.mask_base)
 
 
 SHARD_ROWS.update({RETRIEVE: _retrieve_rows, PHRASES: _phrase_rows, LINKS: _link_rows})
 
 
-@task(name="plan-retrieve", cache_policy=NO_CACHE)
-def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
-    """Every image's tag sentence against the current index. A new index (new sentences) re-keys every
-    shard: retrieval over a grown corpus can change any image's top-K."""
+def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
+    """Every image's tag sentence against the current index; a job carries its images' queries. A new index
+    (new sentences) re-keys every shard: retrieval over a grown corpus can change any image's top-K."""
+    import pyarrow as pa
+
     meta = FaissStore(layout.indexes).load_meta("sentences")
-    rows = _query(str(layout.catalog), "SELECT image_id, tag_sentence FROM image_tags ORDER BY image_id")
-    query_of = dict(rows)
     signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path, EMBED_CODE,
                             RETRIEVE_CODE)  # fmt: skip
-    units = [(iid, stable_hash(q, n=8)) for iid, q in rows]
+
+    def prepare(con) -> None:
+        python_units(
+            con, "SELECT image_id, tag_sentence FROM image_tags",
+            lambda r: (r["image_id"], stable_hash(r["tag_sentence"], n=8), r["tag_sentence"]),
+            [("key", pa.string()), ("fp", pa.string()), ("query", pa.string())],
+        )  # fmt: skip
+
     payload = {"indexes": str(layout.indexes), "index_signature": meta.signature}
-    jobs = plan_jobs(ShardStore(layout.store), RETRIEVE, CORPUS, units, signature, cfg.retrieve.shard_size,
-                     payload)  # fmt: skip
-    for job in jobs:
-        job.payload["queries"] = [query_of[k] for k, _ in job.units]
-    return jobs
+    return stream_jobs(layout, RETRIEVE, "FROM py_units", signature, cfg.retrieve.shard_size, "key", payload,
+                       cfg.runner.plan_memory_mb, prepare)  # fmt: skip
 
 
 def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
@@ -478,45 +570,26 @@ def plan_phrases(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
                        "file, key", memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
 
 
-@task(name="plan-links", cache_policy=NO_CACHE)
-def plan_links(cfg: CorpusConfig, layout: DataLayout) -> list[ShardJob]:
-    """Per image: its tags (with their regions) and the noun phrases of its retrieved sentences."""
-    cat = str(layout.catalog)
-    tag_rows = _query(cat, "SELECT image_id, tags, tag_origins FROM image_tags ORDER BY image_id")
-    best_region = {
-        (iid, label): idx
-        for iid, label, idx in _query(
-            cat,
-            "SELECT image_id, label, arg_max(region_idx, score) FROM regions "
-            "WHERE region_idx > 0 GROUP BY ALL",
+def plan_links(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
+    """Per image: its tags (with their regions) and the noun phrases of its retrieved sentences, each image's
+    fingerprint computed from them while the catalog streams them (:func:`link_item`); a shard reads its own
+    images' items from the catalog when it runs."""
+    import pyarrow as pa
+
+    def prepare(con) -> None:
+        python_units(
+            con, LINK_ITEMS.format(where=""), lambda r: (r["image_id"], link_item(r)[1]),
+            [("key", pa.string()), ("fp", pa.string())],
         )  # fmt: skip
-    }
-    phrases: dict[str, list] = {}
-    for tid, idx, phrase in _query(cat, "SELECT text_id, phrase_idx, phrase FROM noun_phrases "
-                                        "ORDER BY text_id, phrase_idx"):  # fmt: skip
-        phrases.setdefault(tid, []).append((idx, phrase))
-    retrieved: dict[str, list[str]] = {}
-    for iid, tid in _query(cat, "SELECT image_id, text_id FROM retrieved_pairs ORDER BY image_id, rank"):
-        retrieved.setdefault(iid, []).append(tid)
-    item_of, units = {}, []
-    for iid, tags, origins in tag_rows:
-        tagged = [
-            (t, best_region.get((iid, t), 0) if o == "detector" else 0)
-            for t, o in zip(tags, origins, strict=True)
-        ]
-        texts = [(tid, phrases.get(tid, [])) for tid in retrieved.get(iid, [])]
-        item_of[iid] = {"image_id": iid, "tags": tagged, "texts": texts}
-        units.append((iid, stable_hash(tagged, texts, n=8)))
+
     signature = stable_hash(LINKS, cfg.link.model_dump(exclude={"shard_size"}), LANGUAGE_CODE)
-    jobs = plan_jobs(ShardStore(layout.store), LINKS, CORPUS, units, signature, cfg.link.shard_size)
-    for job in jobs:
-        job.payload["images"] = [item_of[k] for k, _ in job.units]
-    return jobs
+    return stream_jobs(layout, LINKS, "FROM py_units", signature, cfg.link.shard_size, "key",
+                       {"catalog": str(layout.catalog)}, cfg.runner.plan_memory_mb, prepare)  # fmt: skip
 
 
 @flow(name="retrieve")
 def retrieve_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(RETRIEVE, plan_retrieve.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(RETRIEVE, plan_retrieve(cfg, layout), cfg, str(layout.store)))
 
 
 @flow(name="phrases")
@@ -526,7 +599,7 @@ def phrases_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 
 @flow(name="links")
 def links_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
-    return dict(map_shards(LINKS, plan_links.submit(cfg, layout).result(), cfg, str(layout.store)))
+    return dict(map_shards(LINKS, plan_links(cfg, layout), cfg, str(layout.store)))
 
 
 @flow(name="embed")
