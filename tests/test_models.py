@@ -211,11 +211,21 @@ def test_top_layer_at_chosen_rows_equals_the_full_layer_there():
         torch.testing.assert_close(fusion(x, mask, image, rows=cls)[:, 0], fusion(x, mask, image)[:, 0])
 
 
-def test_albef_pruned_top_layer_gives_the_full_computation(model, batch):
-    """ALBEF computes its top fusion layer only at [CLS] (ITM) and at the masked tokens (MLM), and the
-    momentum text encoder's top layer at [CLS] (ITC): losses, metrics, gradients, momentum weights and
-    queues equal the full computation (every position, as the reference code does)."""
-    pruned, full = copy.deepcopy(model), copy.deepcopy(model)
+@pytest.mark.parametrize("shape", ["cls-1-fusion-layer", "mean-2-fusion-layers"])
+def test_albef_pruned_top_layer_gives_the_full_computation(model, batch, shape):
+    """ALBEF computes its top fusion layer only at [CLS] (ITM, ``cls`` pooling) and at the masked tokens
+    (MLM), the momentum text encoder's top layer at [CLS] (ITC), and in its ITM pass the first fusion
+    layer's self-attention once per text and the cross-attention keys and values once per image: losses,
+    metrics, gradients, momentum weights and queues equal the full computation (every position of every
+    row, as the reference code does)."""
+    if shape == "cls-1-fusion-layer":
+        pruned = copy.deepcopy(model)
+    else:
+        torch.manual_seed(0)
+        backbone = tiny_backbone()
+        backbone.pooling, backbone.fusion = "mean", FusionConfig(num_layers=2)
+        pruned = tiny_albef(backbone=backbone).train()
+    full = copy.deepcopy(pruned)
     full.backbone.prune_top_layer = False
     outs = []
     for m in (pruned, full):

@@ -108,16 +108,27 @@ class FusionEncoder(nn.Module):
         image_mask: torch.Tensor | None = None,
         *,
         rows: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``text_hidden`` (B, L, H), ``text_mask`` (B, L), ``image_tokens`` (B, N, Dv), ``image_mask``
         optional (B, N) -> ``(B, L, H)``; with ``rows`` (B, Q) int64 the top layer computes only those
-        positions -> ``(B, Q, H)`` (see :meth:`TransformerLayer.forward`)."""
+        positions -> ``(B, Q, H)`` (see :meth:`TransformerLayer.forward`).
+
+        ``text_index`` / ``image_index`` (B',) int64: the texts / images given are distinct ones and output
+        row ``i`` fuses ``text_hidden[text_index[i]]`` with ``image_tokens[image_index[i]]`` (B' rows): the
+        first layer's self-attention runs once per text and the cross-attention keys and values once per
+        image, as a pass scoring each of them several times (ITM) needs."""
         key_mask = _key_mask(text_mask)
         img_mask = _key_mask(image_mask)
         x = text_hidden
         top = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, key_mask, image_tokens, img_mask, rows=rows if i == top else None)
+            gather = text_index if i == 0 else None
+            x = layer(x, key_mask, image_tokens, img_mask, rows=rows if i == top else None, gather=gather,
+                      image_index=image_index)  # fmt: skip
+            if gather is not None and key_mask is not None:
+                key_mask = key_mask[gather]
         return x
 
 

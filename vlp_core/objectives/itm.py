@@ -190,6 +190,7 @@ def hard_negative_itm(
     ids: torch.Tensor,
     seed: int,
     negatives: str = "global",
+    shared: bool = False,
 ) -> ITMResult:
     """ITM on ``[positives; text + hard negative image; hard negative text + image]`` for one local batch.
 
@@ -213,6 +214,10 @@ def hard_negative_itm(
         temperature: the ITC temperature (detached here).
         ids: ``(B,)`` int64 image ids; pairs of the same image are never negatives.
         seed: seed of the draw.
+        shared: call ``score(distinct image rows, distinct text rows, their masks, image_index=,
+            text_index=)`` (row i of the pass pairs ``image_index[i]`` with ``text_index[i]``) instead of
+            on the gathered rows, so a scorer can compute what depends on one input alone once per input
+            (every image and every text appears in three rows of the pass).
     """
     from vlp_core.distributed import gather_features, rank
     from vlp_core.objectives.reduce import global_mean_scale
@@ -254,7 +259,13 @@ def hard_negative_itm(
             offset=lo,
         )
     pairs = build_itm_pairs(neg)
-    logits = score(images_all[pairs.image_idx], texts_all[pairs.text_idx], masks_all[pairs.text_idx])
+    if shared:
+        images, image_index = torch.unique(pairs.image_idx, return_inverse=True)
+        texts, text_index = torch.unique(pairs.text_idx, return_inverse=True)
+        logits = score(images_all[images], texts_all[texts], masks_all[texts], image_index=image_index,
+                       text_index=text_index)  # fmt: skip
+    else:
+        logits = score(images_all[pairs.image_idx], texts_all[pairs.text_idx], masks_all[pairs.text_idx])
     valid = pairs.labels != -100
     loss = itm_loss(logits, pairs.labels)
     if negatives == "global":

@@ -194,9 +194,17 @@ class ALBEF(Recipe):
         return self.vision_proj(pooled)
 
     def fuse_pooled(
-        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+        self,
+        image_in: torch.Tensor,
+        text_in: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.backbone.fuse_pooled(image_in, text_in, text_mask)
+        return self.backbone.fuse_pooled(
+            image_in, text_in, text_mask, image_index=image_index, text_index=text_index
+        )
 
     def pretrained_state_dict(self) -> dict[str, torch.Tensor]:
         """Online weights only (no momentum model, no queues): what fine-tuning starts from."""
@@ -324,7 +332,7 @@ class ALBEF(Recipe):
             image_tokens_m = m["vision_encoder"](pixel_values)
             image_feat_m = F.normalize(m["vision_proj"](image_tokens_m[:, 0]), dim=-1)
             # only the pooled vector is read: the top layer at [CLS] alone when that is the pooling
-            rows = self.backbone.top_rows(attention_mask)
+            rows = self.backbone.top_rows(attention_mask.shape[0], attention_mask.device)
             text_hidden_m = m["text_encoder"](input_ids, attention_mask, rows=rows)
             pooled_m = pool_text(text_hidden_m, attention_mask, self.backbone.config.pooling)
             text_feat_m = F.normalize(m["text_proj"](pooled_m), dim=-1)
@@ -361,6 +369,7 @@ class ALBEF(Recipe):
                 ids=image_key,
                 seed=self.itm_seed(step, rank() if local else 0),
                 negatives=cfg.itm_negatives,
+                shared=self.backbone.prune_top_layer,
             )
             total = total + cfg.itm_weight * itm.loss
             metrics["loss_itm"] = itm.loss.detach()

@@ -165,16 +165,36 @@ class Recipe(OnBackbone, nn.Module):
         return self.text_pair_input(text), F.normalize(self.project_text(text.pooled), dim=-1)
 
     def itm_logits(
-        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+        self,
+        image_in: torch.Tensor,
+        text_in: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fused pass on paired rows (row i image with row i text) -> ``(N, 2)`` match logits."""
-        return self.itm_head(self.fuse_pooled(image_in, text_in, text_mask))
+        """Fused pass on paired rows (row i image with row i text) -> ``(N, 2)`` match logits; with
+        ``image_index`` / ``text_index``, row i pairs ``image_in[image_index[i]]`` with
+        ``text_in[text_index[i]]`` (distinct inputs, each scored several times: ITM)."""
+        return self.itm_head(
+            self.fuse_pooled(image_in, text_in, text_mask, image_index=image_index, text_index=text_index)
+        )
 
     def fuse_pooled(
-        self, image_in: torch.Tensor, text_in: torch.Tensor, text_mask: torch.Tensor
+        self,
+        image_in: torch.Tensor,
+        text_in: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The pooled vector of :meth:`fuse_inputs` (what ITM reads); a recipe whose backbone computes it
-        for less than the whole fused sequence overrides this."""
+        """The pooled vector of :meth:`fuse_inputs` (what ITM reads), the inputs gathered by the indices
+        first; a recipe whose backbone computes it for less overrides this."""
+        if image_index is not None:
+            image_in = image_in[image_index]
+        if text_index is not None:
+            text_in, text_mask = text_in[text_index], text_mask[text_index]
         return self.fuse_inputs(image_in, text_in, text_mask).pooled
 
     def itm_scores(

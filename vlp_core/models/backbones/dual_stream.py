@@ -107,22 +107,35 @@ class DualStreamBackbone(Backbone):
     def encode_pair(self, image: ImageFeatures, text: TextFeatures) -> PairFeatures:
         return self.fuse_states(image.tokens, text.hidden, text.mask)
 
-    def top_rows(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """``rows`` for the top layer of a stack whose pooled vector alone is read: the [CLS] position of
-        every row with ``"cls"`` pooling (``(B, 1)`` zeros), ``None`` (every position) otherwise."""
+    def top_rows(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """``rows`` for the top layer of a stack of ``n`` sequences whose pooled vector alone is read: the
+        [CLS] position of every row with ``"cls"`` pooling (``(n, 1)`` zeros), ``None`` (every position)
+        otherwise."""
         if self.prune_top_layer and self.config.pooling == "cls":
-            return mask.new_zeros(mask.shape[0], 1, dtype=torch.long)
+            return torch.zeros(n, 1, dtype=torch.long, device=device)
         return None
 
     def fuse_pooled(
-        self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``fuse_states(...).pooled`` (N, H), the top fusion layer computed at [CLS] only when that is all
-        the pooling reads (about a quarter of an ITM pass at 2 fusion layers)."""
-        rows = self.top_rows(text_mask)
-        if rows is None:
-            return self.fuse_states(image_tokens, text_hidden, text_mask).pooled
-        return self.fusion(text_hidden, text_mask, image_tokens, rows=rows)[:, 0]
+        the pooling reads (about a quarter of an ITM pass at 2 fusion layers). With ``image_index`` /
+        ``text_index`` the inputs are distinct images / texts and row ``i`` pairs ``image_index[i]`` with
+        ``text_index[i]`` (see :meth:`FusionEncoder.forward`)."""
+        n = (text_index if text_index is not None else text_mask).shape[0]
+        rows = self.top_rows(n, text_mask.device)
+        fused = self.fusion(text_hidden, text_mask, image_tokens, rows=rows, text_index=text_index,
+                            image_index=image_index)  # fmt: skip
+        if rows is not None:
+            return fused[:, 0]
+        mask = text_mask if text_index is None else text_mask[text_index]
+        return pool_text(fused, mask, self.config.pooling)
 
     # -- data / optimiser
     def image_input(self) -> nn.Module:

@@ -26,14 +26,27 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, Lq, hidden) attends to ``context`` (B, Lk, kv_width); ``key_mask`` (B, 1, 1, Lk) bool."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        context_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` (B, Lq, hidden) attends to ``context`` (B, Lk, kv_width); ``key_mask`` (B, 1, 1, Lk) bool.
+
+        ``context_index`` (B,) int64: ``context`` holds distinct sequences (U, Lk, kv_width) and row ``i`` of
+        ``x`` attends to ``context[context_index[i]]``: keys and values are computed once per distinct
+        sequence (an image shared by several rows of an ITM pass), then gathered."""
         b, lq, hidden = x.shape
         lk = context.shape[1]
         h, d = self.num_heads, hidden // self.num_heads
         q = self.q(x).view(b, lq, h, d).transpose(1, 2)
-        k = self.k(context).view(b, lk, h, d).transpose(1, 2)
-        v = self.v(context).view(b, lk, h, d).transpose(1, 2)
+        k, v = self.k(context), self.v(context)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]
+        k = k.view(b, lk, h, d).transpose(1, 2)
+        v = v.view(b, lk, h, d).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
         )

@@ -90,19 +90,20 @@ class TransformerLayer(nn.Module):
             self.ffn = FeedForward(hidden, intermediate, eps, dropout, norm_first=norm_first)
         self.drop = nn.Dropout(dropout)
 
-    def _attend(self, attn, norm, x, context, mask, rows=None):
+    def _attend(self, attn, norm, x, context, mask, rows=None, context_index=None):
         """One attention sub-block; ``context`` ``None`` = self-attention over ``x``. With ``rows`` (self-
-        attention only), only those positions of ``x`` are queries (and outputs); every position is a key."""
+        attention only), only those positions of ``x`` are queries (and outputs); every position is a key.
+        ``context_index``: see :meth:`MultiHeadAttention.forward`."""
         if self.norm_first:
             h = norm(x)
             keys = h if context is None else context
             if rows is not None:
                 x, h = take_rows(x, rows), take_rows(h, rows)
-            return x + self.drop(attn(h, keys, mask))
+            return x + self.drop(attn(h, keys, mask, context_index))
         keys = x if context is None else context
         if rows is not None:
             x = take_rows(x, rows)
-        return norm(x + self.drop(attn(x, keys, mask)))
+        return norm(x + self.drop(attn(x, keys, mask, context_index)))
 
     def forward(
         self,
@@ -113,18 +114,36 @@ class TransformerLayer(nn.Module):
         route: Route = None,
         *,
         rows: torch.Tensor | None = None,
+        gather: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` (B, L, hidden), ``key_mask`` (B, 1, 1, L) bool, ``image`` (B, N, Dv) -> (B, L, hidden).
 
         ``rows`` (B, Q) int64: compute only those positions' outputs -> (B, Q, hidden) (the top layer of a
         stack whose loss reads a few positions: [CLS] for ITM, the masked tokens for MLM). Every position
         still serves as a key, so each computed row equals the full layer's row at that position. Needs a
-        route that is a name (a per-token route would have to be taken at the rows too)."""
+        route that is a name (a per-token route would have to be taken at the rows too).
+
+        Shared inputs (an ITM pass scores each text and each image several times): ``gather`` (B',) int64
+        says ``x`` and ``key_mask`` hold distinct sequences and the layer's rows are ``x[gather]`` after the
+        self-attention (which depends on the text alone, so it runs once per distinct text); with ``rows``,
+        those index the gathered rows. ``image_index`` (B',) int64 says ``image`` (and ``image_mask``) hold
+        distinct images and row ``i`` cross-attends to ``image[image_index[i]]`` (its keys and values are
+        computed once per image)."""
         if rows is not None and torch.is_tensor(route):
             raise ValueError("rows need a route by name, not per token")
-        x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask, rows)
+        if gather is None:
+            x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask, rows)
+        else:
+            x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask)[gather]
+            if rows is not None:
+                x = take_rows(x, rows)
         if self.cross_attn is not None:
             if image is None:
                 raise ValueError("a fusion layer needs image tokens")
-            x = self._attend(self.cross_attn, self.cross_attn_norm, x, image, image_mask)
+            if image_mask is not None and image_index is not None:
+                image_mask = image_mask[image_index]
+            x = self._attend(
+                self.cross_attn, self.cross_attn_norm, x, image, image_mask, context_index=image_index
+            )
         return self.ffn(x, route)
