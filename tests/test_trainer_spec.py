@@ -178,11 +178,16 @@ def test_periodic_evaluation_every_n_steps_and_at_the_end(tmp_path):
         ("vlmo", None, {"itc"}),
         ("flava", None, {"itc", "itm"}),
         ("albef", ["itc"], {"itc"}),
+        ("u-visualbert", None, {"itm"}),
+        ("vlmixer", None, {"itm"}),
+        ("mu-vla", None, {"itm"}),
     ],
 )
 def test_retrieval_trains_exactly_the_losses_it_names(method, losses, trained):
     """Retrieval fine-tuning zeroes every other loss of the method (the ALBEF issue's retrieval preset
-    trained MLM too); an unknown loss name is an error."""
+    trained MLM too) and trains the ones it names even where pre-training had them at weight 0 (U-VisualBERT
+    and VLMixer have no ITM in pre-training: their retrieval fine-tuning once trained nothing, loss 0, and
+    scored exactly as zero-shot); an unknown loss name is an error."""
     from vlp_core.tasks.retrieval import retrieval_recipe_config
 
     cfg = TrainConfig.model_validate({"task": {"kind": "retrieval", "losses": losses}, "method": method})

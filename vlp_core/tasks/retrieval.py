@@ -58,8 +58,10 @@ class RetrievalTask(TaskConfig):
 
 
 def retrieval_recipe_config(config: Any) -> Any:
-    """The method's recipe config with every loss not in the task's losses at weight 0 (and the recipe's
-    :meth:`~vlp_core.recipes.RecipeConfig.finetune_overrides`)."""
+    """The method's recipe config with every loss not in the task's losses at weight 0, a task loss the
+    config has at weight 0 at weight 1 (a recipe without that objective in pre-training, e.g. U-VisualBERT's
+    and VLMixer's ITM: fine-tuning trains it), and the recipe's
+    :meth:`~vlp_core.recipes.RecipeConfig.finetune_overrides`."""
     from vlp_core.recipes import RECIPES
 
     rcfg = config.recipe_config()
@@ -69,7 +71,8 @@ def retrieval_recipe_config(config: Any) -> Any:
     if unknown:
         raise ValueError(f"task.losses {unknown}: {config.method} has the losses {sorted(weights)}")
     zero = {f"{name}_weight": 0.0 for name in weights if name not in losses}
-    return config_from_dict(rcfg, {**rcfg.finetune_overrides(), **zero})
+    on = {f"{name}_weight": 1.0 for name in losses if weights[name] == 0}
+    return config_from_dict(rcfg, {**rcfg.finetune_overrides(), **zero, **on})
 
 
 def _build(config: Any, env: Any) -> TrainSpec:
