@@ -351,6 +351,18 @@ def run_chains(
     return [k for f in futures for k in f.result()]
 
 
+def plan_cells(store: ShardStore, source: str, units: list[tuple[str, str]]) -> dict[str, str]:
+    """The cells of ``units`` (cell key, config hash) still to run: ``{cell key: shard}``. A committed cell
+    asked for again with another config or data (another hash) is dropped and runs again; committed cells
+    not asked for this time (other methods, tasks or seeds at this budget) stay as they are."""
+    plan = store.plan(STAGE, source, units, "v1", shard_size=1)
+    asked = {key for key, _ in units}
+    for stale in plan.stale:
+        if any(key in asked for key, _ in store.read_manifest(STAGE, source, stale).units):
+            store.drop(STAGE, source, stale)
+    return {u[0][0]: shard for shard, u in plan.todo}
+
+
 @flow(name="benchmark", log_prints=True)
 def benchmark(
     methods: list[str] | None = None,
@@ -383,10 +395,7 @@ def benchmark(
     chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout)
     units = [(c.key, c.config_hash) for ch in chains for c in ch.cells]
     source = budget_source(budget)
-    plan = store.plan(STAGE, source, units, "v1", shard_size=1)
-    for stale in plan.stale:  # a cell whose config or data changed: its old result goes
-        store.drop(STAGE, source, stale)
-    todo = {u[0][0]: shard for shard, u in plan.todo}
+    todo = plan_cells(store, source, units)
     log.info(
         "benchmark at %s: %d cells, %d committed, %d to run (%d chains)", budget, len(units),
         len(units) - len(todo), len(todo), sum(any(c.key in todo for c in ch.cells) for ch in chains),

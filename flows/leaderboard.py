@@ -157,6 +157,8 @@ methods), ± the standard error of the difference; * where it exceeds twice that
     )
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4.5), dpi=110)
     width = 0.8 / max(1, len(methods))
+    # one colour per method: the default cycle repeats after 10 (the full leaderboard has 12 methods)
+    palette = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):
         xs, ys, es = [], [], []
         for j, t in enumerate(tasks):
@@ -165,7 +167,7 @@ methods), ± the standard error of the difference; * where it exceeds twice that
                 xs.append(j + (i - (len(methods) - 1) / 2) * width)
                 ys.append(r["mean"])
                 es.append(r["std"])
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=label[m])
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=label[m], color=palette[i % len(palette)])
     for j, t in enumerate(tasks):
         if t in chance:
             ax.hlines(chance[t], j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1)

@@ -289,6 +289,12 @@ class ShardStore:
         if cols["shard"]:
             yield pa.RecordBatch.from_pydict(cols, schema=_MANIFEST_ROWS)
 
+    def read_manifest(self, stage: str, source: str, shard: str) -> Manifest:
+        """One committed shard's manifest."""
+        m = json.loads((self.manifest_dir(stage, source) / f"{shard}.json").read_text())
+        m["units"] = [tuple(u) for u in m["units"]]
+        return Manifest(**m)
+
     def is_committed(self, stage: str, source: str, shard: str) -> bool:
         return (self.manifest_dir(stage, source) / f"{shard}.json").exists()
 

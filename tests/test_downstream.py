@@ -207,6 +207,26 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
         plan_chains(["albef"], [0], ["nlvr2"], budget, "known", data_dir)
 
 
+def test_a_benchmark_of_some_cells_keeps_the_others_and_reruns_only_changed_ones(tmp_path):
+    """Running the benchmark for a subset (one method, one task) at a budget must leave that budget's other
+    committed cells alone; a cell asked for with a new config hash is dropped and planned again. (A subset
+    run once dropped every other cell of its budget: the planner calls a committed shard whose unit is not
+    in the list stale.)"""
+    from flows.benchmark import STAGE, plan_cells
+
+    store = ShardStore(tmp_path)
+    store.ensure_tables()
+    cells = [("albef|0|vqa", "h1"), ("albef|0|nlvr2", "h2"), ("vlmo|0|vqa", "h3")]
+    for key, shard in plan_cells(store, "b", cells).items():
+        store.commit(STAGE, "b", shard, "v1", [next(c for c in cells if c[0] == key)], {})
+    assert plan_cells(store, "b", cells) == {}
+    todo = plan_cells(store, "b", [("vlmo|0|vqa", "h3-new")])  # one cell, with a changed config
+    assert list(todo) == ["vlmo|0|vqa"]
+    left = {u[0] for _, m in store.iter_manifests(STAGE, "b") for u in m.units}
+    assert left == {"albef|0|vqa", "albef|0|nlvr2"}  # the other cells kept, the changed one dropped
+    assert plan_cells(store, "b", cells[:2]) == {}
+
+
 def test_a_bundled_task_shard_rebuilt_alone_in_a_fresh_process_gives_the_same_bytes(tasks_corpus, tmp_path):
     """Drop one committed shard of every bundled task and rebuild it in a fresh process from its manifest's
     units alone: its data files are byte-identical to the first build's, and the tasks' data versions (what
