@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from benchmarks.common import fmt_table  # noqa: E402
+from benchmarks.step import make_batches  # noqa: E402
 
 GB = 1024**3
 
@@ -69,35 +70,6 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def make_batches(tokenizer_path: str | None, image_size: int, max_len: int, n: int, batch_size: int,
-                 seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
-    """``n`` synthetic pre-training batches (see the module docstring), collated by the project's collator."""
-    import numpy as np
-    import torch
-
-    from vlp_core.data.collate import PretrainCollator, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    words = sorted(w for w in tok.get_vocab() if w.isalpha() and len(w) > 2)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    collate = PretrainCollator(tok, max_len)
-    out = []
-    for b in range(n):
-        samples = [
-            {
-                "pixel_values": torch.randn(3, image_size, image_size, generator=gen),
-                "text": " ".join(rng.choice(words, size=int(rng.integers(8, 21)))),
-                "image_key": b * batch_size + i,
-                "text_key": b * batch_size + i,
-                "sample_seed": b * batch_size + i,
-            }
-            for i in range(batch_size)
-        ]
-        out.append(collate(samples))
-    return out
-
-
 def check_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -115,7 +87,7 @@ def check_train(args: argparse.Namespace) -> dict[str, Any]:
     batches = [
         _to(b, dev)
         for b in make_batches(
-            args.tokenizer, model.image_size, cfg.data.max_len, args.batches, args.batch_size
+            model, args.batches, args.batch_size, tokenizer_path=args.tokenizer, max_len=cfg.data.max_len
         )
     ]
     if cuda:

@@ -73,17 +73,27 @@ def build_model(shape: str, variant: str) -> Any:
     return build_recipe(cfg.method, cfg.recipe_config(), cfg.backbone_config())
 
 
-def make_batches(model: Any, n: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+def make_batches(
+    model: Any,
+    n: int,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    tokenizer_path: str | None = None,
+    max_len: int = 30,
+) -> list[dict[str, Any]]:
+    """``n`` synthetic pre-training batches (see the module docstring); the tokenizer at ``tokenizer_path``
+    (default: the packaged MiniLM's)."""
     import numpy as np
     import torch
 
     from vlp_core.data import PretrainCollator, load_tokenizer
 
-    tok = load_tokenizer()
+    tok = load_tokenizer(tokenizer_path)
     words = sorted(w for w in tok.get_vocab() if w.isalpha() and len(w) > 2)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    collate = PretrainCollator(tok, 30)
+    collate = PretrainCollator(tok, max_len)
     out = []
     for b in range(n):
         samples = [
