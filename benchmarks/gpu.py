@@ -45,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from benchmarks.common import fmt_table  # noqa: E402
 from benchmarks.step import make_batches  # noqa: E402
 
-GB = 1024**3
+GIB = 1024**3
 
 
 def _device(args: argparse.Namespace, check: str) -> Any:
@@ -121,7 +121,7 @@ def check_train(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "step_ms": 1000 * med,
         "samples_per_s": args.batch_size / med,
-        "peak_gpu_gb": torch.cuda.max_memory_allocated() / GB if cuda else float("nan"),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "loss_first_mean": statistics.fmean(losses[:k]),
