@@ -64,18 +64,12 @@ def _sync(dev: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    import torch
-
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def check_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from vlp_core.recipes import build_recipe
     from vlp_core.train.config import load_train_config
-    from vlp_core.train.trainer import ADAMW_IMPL
+    from vlp_core.train.trainer import ADAMW_IMPL, to_device
 
     dev = _device(args, "train")
     cuda = dev.type == "cuda"
@@ -85,7 +79,7 @@ def check_train(args: argparse.Namespace) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL["fused"])
     batches = [
-        _to(b, dev)
+        to_device(b, dev)
         for b in make_batches(
             model, args.batches, args.batch_size, tokenizer_path=args.tokenizer, max_len=cfg.data.max_len
         )

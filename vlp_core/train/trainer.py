@@ -50,6 +50,7 @@ __all__ = [
     "cosine_schedule",
     "init_distributed",
     "param_groups",
+    "to_device",
     "train",
 ]
 
@@ -114,7 +115,8 @@ def cosine_schedule(step: int, *, total: int, warmup: int, lr: float, min_lr: fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch with its tensors on ``device`` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -322,7 +324,7 @@ def train(config: TrainConfig, build_spec: Callable[[TrainConfig, DistEnv], Trai
         step_metrics: dict[str, torch.Tensor] = {}
         for i in range(config.grad_accum):
             t0 = time.perf_counter()
-            batch = _to_device(streams.next(kind), env.device)
+            batch = to_device(streams.next(kind), env.device)
             t1 = time.perf_counter()
             data_time += t1 - t0
             sync = i == config.grad_accum - 1 or env.world_size == 1
