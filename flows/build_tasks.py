@@ -95,7 +95,7 @@ def task_regions(
     store.collect_garbage()
     cfg = RegionsConfig(**(regions or {}))
     t0, made = time.time(), {}
-    for name in tasks or list(SCENE_TASKS):
+    for name in tasks or [n for n, s in SCENE_TASKS.items() if s.default]:
         todo, done, signature, sources = task_build.plan_task_regions(store, name, cfg, shard_size)
         log.info("%s: %d images; %d shards to build, %d committed", name, len(sources), len(todo), done)
         for i, (shard, units) in enumerate(todo, 1):
@@ -118,7 +118,8 @@ def build_tasks(
     regions: bool = False,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Generate the bundled scene tasks (default: all of them) into the store.
+    """Generate the bundled scene tasks into the store (default: every task but those built on request,
+    e.g. ``scene-pairs-easy``).
 
     ``sizes``: examples per split per task over the defaults (``{"scene-pairs": {"train": 500}}``);
     ``scale`` multiplies every default size (e.g. 0.1 for a quick look); ``regions``: also make the regions
@@ -133,7 +134,7 @@ def build_tasks(
     removed = store.collect_garbage()
     if removed:
         log.info("removed %d leftover files of an interrupted run", removed)
-    names = list(tasks or SCENE_TASKS)
+    names = list(tasks or [n for n, s in SCENE_TASKS.items() if s.default])
     unknown = sorted(set(names) - set(SCENE_TASKS))
     if unknown:
         raise ValueError(f"unknown bundled tasks {unknown}; known: {sorted(SCENE_TASKS)}")

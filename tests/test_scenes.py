@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 # What each test samples (task -> split -> number of units); small, so the module runs in seconds.
 SAMPLE = {
     "scene-pairs": {"train": 24, "test": 10},
+    "scene-pairs-easy": {"train": 24, "test": 10},
     "scene-entailment": {"train": 60, "test": 12},
     "scene-refs": {"train": 16, "testA": 8, "testB": 8},
     "scene-qa": {"train": 36, "test": 18},
@@ -269,10 +270,13 @@ def test_slices_agree_on_their_overlap():
 
 
 def test_image_names_and_registry():
-    assert set(SCENE_TASKS) == {"scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions"}
+    defaults = {"scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions"}
+    assert {n for n, s in SCENE_TASKS.items() if s.default} == defaults
+    assert set(SCENE_TASKS) == defaults | {"scene-pairs-easy"}
     shapes = {s.name: s.shape for s in SCENE_TASKS.values()}
     assert shapes == {
         "scene-pairs": "nlvr2",
+        "scene-pairs-easy": "nlvr2",
         "scene-entailment": "snli-ve",
         "scene-refs": "refcoco",
         "scene-qa": "gqa",
@@ -285,6 +289,8 @@ def test_image_names_and_registry():
         generate("scene-refs", "test", 0)
     with pytest.raises(KeyError):
         generate("nope", "train", 0)
+    with pytest.raises(ValueError, match="level"):
+        scenes.generate_pairs("train", 0, level="medium")
 
 
 def test_images_referenced_exist_and_names_follow_the_scheme(built):
@@ -303,15 +309,29 @@ def test_images_referenced_exist_and_names_follow_the_scheme(built):
 # --------------------------------------------------------------------------- labels by construction
 
 
-def test_pairs_labels_and_balance(built):
-    exs = examples(built, "scene-pairs")
+#: per level: the statement families, the objects a scene, whether coloured shapes and nouns are named.
+PAIR_LEVELS = {
+    "scene-pairs": ({"exist", "both", "exactly_one", "neither", "more", "same_count", "count"}, (2, 4), True),
+    "scene-pairs-easy": ({"exist", "both", "exactly_one", "neither"}, (1, 2), False),
+}
+
+
+@pytest.mark.parametrize("task", sorted(PAIR_LEVELS))
+def test_pairs_labels_and_balance(built, task):
+    exs = examples(built, task)
     pairs = [[scene["objects"] for scene in scene_meta(e)] for e in exs]
     for e, (left, right) in zip(exs, pairs, strict=True):
         truth = check_pair(e.text, left, right)
         assert e.label == ("true" if truth else "false"), e.text
-    train = built["scene-pairs"]["train"][0]
+    families, (lo, hi), specific = PAIR_LEVELS[task]
+    assert {e.meta["family"] for e in exs} <= families
+    assert all(lo <= len(side) <= hi for sides in pairs for side in sides)
+    coloured = re.compile(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)})")
+    named = [any(n in e.text for n in NOUNS | {"people"}) or bool(coloured.search(e.text)) for e in exs]
+    assert any(named) if specific else not any(named)
+    train = built[task]["train"][0]
     assert Counter(e.label for e in train) == {"true": 12, "false": 12}
-    assert chance_level("scene-pairs", train) == 0.5
+    assert chance_level(task, train) == 0.5
     # the images are needed: most statements are true of some of the sampled pairs and false of others
     varies = [len({check_pair(e.text, lt, rt) for lt, rt in pairs}) == 2 for e in exs]
     assert sum(varies) >= 0.8 * len(exs)

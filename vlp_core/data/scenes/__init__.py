@@ -58,6 +58,7 @@ every module of the package.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ class SceneTaskSpec:
     """A bundled task: ``generate(split, index, seed)`` -> (examples, ``{image name: image}``); ``sizes``
     the default number of units per split (examples; scenes for ``scene-captions``, 5 examples each);
     ``labels`` the label set (``None`` for open answers, boxes or retrieval); ``shape`` the dataset shape
-    (``nlvr2``, ``snli-ve``, ``refcoco``, ``gqa``, ``retrieval``); ``description`` how it is built."""
+    (``nlvr2``, ``snli-ve``, ``refcoco``, ``gqa``, ``retrieval``); ``description`` how it is built;
+    ``default``: built when no task is named (the harder variants are built on request)."""
 
     name: str
     shape: str
@@ -168,6 +170,7 @@ class SceneTaskSpec:
     labels: tuple[str, ...] | None
     description: str
     unit: str = "example"
+    default: bool = True
     splits: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +190,17 @@ SCENE_TASKS: dict[str, SceneTaskSpec] = {
             "comparison across the two images); true / false balanced exactly: the truth value is drawn "
             "first, the statement independently of it, then scenes until the statement has that value, so "
             "the text alone says nothing.",
+        ),
+        SceneTaskSpec(
+            "scene-pairs-easy",
+            "nlvr2",
+            functools.partial(generate_pairs, level="easy"),
+            {"train": 3000, "val": 300, "test": 600},
+            NLVR2_LABELS,
+            "scene-pairs at its easiest: 1-2 objects a scene and only the existence of a shape or a colour's "
+            "shapes (the left / right image, both, exactly one, neither); a probe of whether a model checks "
+            "a statement against an image at all. Built on request.",
+            default=False,
         ),
         SceneTaskSpec(
             "scene-entailment",

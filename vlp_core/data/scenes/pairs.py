@@ -26,14 +26,40 @@ from vlp_core.data.scenes.composition import (
     _rng,
     compose_scene,
 )
-from vlp_core.data.scenes.sprites import SpriteBanks, _part, sprite_banks
+from vlp_core.data.scenes.sprites import COLORS, SHAPES, SpriteBanks, _part, sprite_banks
 
-__all__ = ["PAIR_FAMILIES", "generate_pairs"]
+__all__ = ["PAIR_FAMILIES", "PAIR_LEVELS", "PAIR_TASKS", "PairLevel", "generate_pairs"]
 
 
 # --------------------------------------------------------------------------- scene-pairs (NLVR2-shaped)
 
 PAIR_FAMILIES = ("exist", "both", "exactly_one", "neither", "more", "same_count", "count")
+
+
+@dataclass(frozen=True)
+class PairLevel:
+    """How hard a ``scene-pairs`` construction is: the statement ``families``, the things existence
+    statements name (``vocab``) and the objects per scene (``objects``, inclusive)."""
+
+    families: tuple[str, ...]
+    vocab: tuple[Desc, ...]
+    objects: tuple[int, int]
+
+
+#: ``full`` (task ``scene-pairs``): every family, things named: coloured shapes, shapes, a colour's shapes,
+#: clip-art nouns; 2-4 objects a scene. ``easy`` (task ``scene-pairs-easy``, built on request): existence
+#: only (exist / both / exactly one / neither) of a shape or a colour's shapes, 1-2 objects a scene -- a
+#: probe of whether a model learns to check a statement against an image at all.
+PAIR_LEVELS = {
+    "easy": PairLevel(
+        ("exist", "both", "exactly_one", "neither"),
+        tuple(Desc("shape", s) for s in SHAPES) + tuple(Desc("shape", None, c) for c in COLORS),
+        (1, 2),
+    ),
+    "full": PairLevel(PAIR_FAMILIES, _VOCAB, (2, 4)),
+}
+#: the task name of each level (also the examples' seed domain).
+PAIR_TASKS = {"full": "scene-pairs", "easy": "scene-pairs-easy"}
 #: counts a statement may name, per kind: only counts a scene can have and miss (scenes have 2-4 objects).
 _COUNTS = {Desc(): (2, 3, 4), Desc("shape"): (1, 2, 3), Desc("clipart"): (1, 2, 3)}
 
@@ -53,15 +79,16 @@ def _has(objs: _Objs, x: Desc) -> bool:
 
 
 @functools.cache
-def _pair_space() -> dict[str, tuple[_Statement, ...]]:
-    """Every statement of each family; ``truth(left, right)``."""
+def _pair_space(level: str) -> dict[str, tuple[_Statement, ...]]:
+    """Every statement of each family of ``level``; ``truth(left, right)``."""
+    lv = PAIR_LEVELS[level]
     sides = ("left", "right")
 
     def pick(side: str, left: _Objs, right: _Objs) -> tuple[_Objs, _Objs]:
         return (left, right) if side == "left" else (right, left)
 
     space: dict[str, list[_Statement]] = {f: [] for f in PAIR_FAMILIES}
-    for x in _VOCAB:
+    for x in lv.vocab:
         for s in sides:
             space["exist"].append(
                 _Statement(
@@ -117,7 +144,7 @@ def _pair_space() -> dict[str, tuple[_Statement, ...]]:
                 lambda lt, rt, k=k: k.count(lt) == k.count(rt),
             )
         )
-    return {f: tuple(v) for f, v in space.items()}
+    return {f: tuple(space[f]) for f in lv.families}
 
 
 def _mention_specs(
@@ -133,10 +160,17 @@ def _mention_specs(
 
 
 def generate_pairs(
-    split: str, index: int, seed: int = 0, *, clipart_root: str | Path | None = None
+    split: str,
+    index: int,
+    seed: int = 0,
+    *,
+    clipart_root: str | Path | None = None,
+    level: str = "full",
 ) -> tuple[list[TaskExample], dict[str, Image.Image]]:
-    """NLVR2-shaped: two scenes (left, right; 2-4 objects each) and a statement, ``label`` ``"true"`` /
-    ``"false"``, exactly balanced over every aligned block of 2 examples.
+    """NLVR2-shaped: two scenes (left, right) and a statement, ``label`` ``"true"`` / ``"false"``, exactly
+    balanced over every aligned block of 2 examples. ``level`` (:data:`PAIR_LEVELS`) sets the families, the
+    things named and the objects a scene: ``full`` 2-4 objects and every family below; ``easy`` 1-2 objects,
+    existence of a shape or a colour's shapes.
 
     Families: ``exist`` "The left image contains a red circle.", ``both`` "Both images contain a
     triangle.", ``exactly_one`` "Exactly one image contains an animal.", ``neither`` "Neither image contains
@@ -150,12 +184,15 @@ def generate_pairs(
     value for them (each scene includes the named thing with probability 0.5); a new statement after 100
     pairs. So every statement is as likely under ``true`` as under ``false`` and the text alone says nothing
     about the label; the images decide it."""
-    task = "scene-pairs"
+    if level not in PAIR_LEVELS:
+        raise ValueError(f"scene-pairs level {level!r} not one of {sorted(PAIR_LEVELS)}")
+    task = PAIR_TASKS[level]
+    lv = PAIR_LEVELS[level]
     rng = _rng(seed, task, split, index)
     want = _block_slot(seed, task, split, index, (True, False))
     banks = sprite_banks(_part(split), clipart_root)
-    cfg = SceneConfig()
-    space = _pair_space()
+    cfg = SceneConfig(min_objects=lv.objects[0], max_objects=lv.objects[1])
+    space = _pair_space(level)
     for _ in range(_MAX_TRIES // 20):
         stmt = _draw(rng, space)
         for _ in range(100):
