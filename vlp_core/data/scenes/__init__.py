@@ -40,9 +40,10 @@ block ``i // k``: exact balance over every aligned block, no pattern in the inde
 
 **Tasks** (:data:`SCENE_TASKS`; the names are ours, not the real datasets'): ``scene-pairs`` (NLVR2-shaped),
 ``scene-entailment`` (SNLI-VE), ``scene-refs`` (RefCOCO+), ``scene-qa`` (GQA), ``scene-captions`` (Karpathy
-retrieval); see each generator's docstring for the construction. Every example's ``meta["scenes"]`` holds the
-scenes' metadata as JSON (objects with kind, name, colour, box and sprite source; occluder; size), from which
-the label can be re-derived.
+retrieval), and ``scene-pairs-easy``, built only on request (scene-pairs at 1-2 objects a scene, existence
+statements only: a probe); see each generator's docstring for the construction. Every example's
+``meta["scenes"]`` holds the scenes' metadata as JSON (objects with kind, name, colour, box and sprite source;
+occluder; size), from which the label can be re-derived.
 
 **Layout.** This package's ``__init__`` holds the registry (:data:`SCENE_TASKS`, :class:`SceneTaskSpec`),
 :func:`generate`, :func:`build_split` and :func:`chance_level`, and re-exports the public names of its modules
@@ -161,7 +162,7 @@ class SceneTaskSpec:
     the default number of units per split (examples; scenes for ``scene-captions``, 5 examples each);
     ``labels`` the label set (``None`` for open answers, boxes or retrieval); ``shape`` the dataset shape
     (``nlvr2``, ``snli-ve``, ``refcoco``, ``gqa``, ``retrieval``); ``description`` how it is built;
-    ``default``: built when no task is named (the harder variants are built on request)."""
+    ``default``: built when no task is named (variants such as ``scene-pairs-easy`` only on request)."""
 
     name: str
     shape: str
