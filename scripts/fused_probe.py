@@ -19,18 +19,57 @@ import argparse
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def main() -> None:
+def fused_features(cfg: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(features, labels)`` of the first ``n`` training examples of the task ``cfg`` names, from the model
+    the trainer would fine-tune (``cfg.init_from``'s backbone, ``None``: as built), in eval mode: one
+    ``fuse`` pass per image, pooled vectors concatenated."""
+    from vlp_core.tasks.base import build_spec
+    from vlp_core.train.trainer import DistEnv
+
+    spec = build_spec(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    model = spec.model.eval()
+    stream = spec.streams["pair"]
+    n = min(n, len(stream.dataset))
+    xs, ys = [], []
+    with torch.no_grad():
+        for start in range(0, n, 64):
+            batch = stream.collate([stream.dataset[i] for i in range(start, min(start + 64, n))])
+            pixels = model.image_batch(batch)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            k = getattr(model, "n_images", 1)
+            views = [pixels] if k == 1 else [pixels[:, j] for j in range(k)]
+            xs.append(torch.cat([model.backbone.fuse(v, ids, mask).pooled for v in views], -1).numpy())
+            ys.append(batch["labels"].numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def probe(
+    x: np.ndarray, y: np.ndarray, held_out: float = 0.2, cs: tuple[float, ...] = (0.1, 1.0, 10.0)
+) -> tuple[float, list[dict[str, float]]]:
+    """Logistic regressions fitted on the first ``1 - held_out`` of the rows, scored on the rest: the
+    held-out majority label's share and, per ``C``, the training and held-out accuracy."""
     from sklearn.linear_model import LogisticRegression
 
+    cut = int(round(len(y) * (1 - held_out)))
+    if not 0 < cut < len(y) or len(set(y[:cut].tolist())) < 2:
+        raise ValueError(f"need two labels to fit and rows to score, got {len(y)} rows, cut at {cut}")
+    chance = Counter(y[cut:].tolist()).most_common(1)[0][1] / (len(y) - cut)
+    out = []
+    for c in cs:
+        clf = LogisticRegression(max_iter=3000, C=c).fit(x[:cut], y[:cut])
+        out.append({"C": c, "train": clf.score(x[:cut], y[:cut]), "held_out": clf.score(x[cut:], y[cut:])})
+    return chance, out
+
+
+def main() -> None:
     from vlp_core.paths import DataLayout
-    from vlp_core.tasks.base import build_spec
     from vlp_core.train.config import load_train_config
-    from vlp_core.train.trainer import DistEnv
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", required=True, help="the run whose backbone is probed")
@@ -51,30 +90,15 @@ def main() -> None:
     if args.dataset:
         over["task.dataset"] = args.dataset
     cfg = load_train_config(args.config, over)
-    spec = build_spec(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    model = spec.model.eval()
-    stream = spec.streams["pair"]
-    n = min(args.n, len(stream.dataset))
     t0 = time.time()
-    xs, ys = [], []
-    with torch.no_grad():
-        for start in range(0, n, 64):
-            batch = stream.collate([stream.dataset[i] for i in range(start, min(start + 64, n))])
-            pixels = model.image_batch(batch)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            k = getattr(model, "n_images", 1)
-            views = [pixels] if k == 1 else [pixels[:, j] for j in range(k)]
-            xs.append(torch.cat([model.backbone.fuse(v, ids, mask).pooled for v in views], -1).numpy())
-            ys.append(batch["labels"].numpy())
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    cut = int(round(n * (1 - args.held_out)))
-    chance = Counter(y[cut:].tolist()).most_common(1)[0][1] / (n - cut)
-    print(f"{cfg.task.dataset}: {n} examples encoded in {time.time() - t0:.0f}s ({x.shape[1]} features); "
-          f"fit on {cut}, scored on {n - cut}; majority label {100 * chance:.1f} %")  # fmt: skip
-    for c in (0.1, 1.0, 10.0):
-        clf = LogisticRegression(max_iter=3000, C=c).fit(x[:cut], y[:cut])
-        fit, held = clf.score(x[:cut], y[:cut]), clf.score(x[cut:], y[cut:])
-        print(f"  C={c:<5} train {100 * fit:5.1f} %   held-out {100 * held:5.1f} %")
+    x, y = fused_features(cfg, args.n)
+    chance, rows = probe(x, y, args.held_out)
+    cut = int(round(len(y) * (1 - args.held_out)))
+    secs = time.time() - t0
+    print(f"{cfg.task.dataset}: {len(y)} examples encoded in {secs:.0f}s ({x.shape[1]} features); "
+          f"fit on {cut}, scored on {len(y) - cut}; majority label {100 * chance:.1f} %")  # fmt: skip
+    for r in rows:
+        print(f"  C={r['C']:<5} train {100 * r['train']:5.1f} %   held-out {100 * r['held_out']:5.1f} %")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,31 @@ def test_single_modality_baselines_see_one_modality(tasks_corpus):
             assert sample["pixel_values"].std() > 0 and sample["text"] == ""
 
 
+def test_fused_probe_encodes_each_image_of_an_example_and_fits_held_out(tasks_corpus, tmp_path):
+    """``scripts/fused_probe.py``: the frozen fused vectors (one pass per image, concatenated), the probe."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from fused_probe import fused_features, probe
+
+    from vlp_core.train.config import load_train_config
+
+    def cfg(preset: str):
+        over = {"init_from": None, "data_dir": str(tasks_corpus.root), "run_dir": str(tmp_path / preset)}
+        return load_train_config(preset, over)
+
+    x2, y2 = fused_features(cfg("nlvr2_scenes"), 30)
+    x1, y1 = fused_features(cfg("snli_ve_scenes"), 30)
+    width = x1.shape[1]
+    assert x2.shape == (len(y2), 2 * width) and x1.shape == (len(y1), width) and len(y1) >= 12
+    assert np.isfinite(x2).all() and not np.allclose(x2[:, :width], x2[:, width:])  # left and right differ
+    chance, rows = probe(x1, y1, held_out=0.3)
+    assert 0 < chance <= 1 and [r["C"] for r in rows] == [0.1, 1.0, 10.0]
+    assert all(0 <= r["train"] <= 1 and 0 <= r["held_out"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="two labels"):
+        probe(x1[:4], np.zeros(4, dtype=int))
+
+
 def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(tasks_corpus):
     root = tasks_corpus.root
     over = {**TINY, "max_steps": 6, "checkpoint_every": 6, "data_dir": str(root),
