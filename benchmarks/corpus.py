@@ -28,7 +28,8 @@ wall-clock over the work only, with the stage's CPU seconds (all threads) beside
                 ``RegionFeatureExtractor().extract`` (default: a 384 px region pass plus a 224 px tag pass),
                 the same with ``tag_image_size=None`` (one pass), ``build_detector("yolov3-tiny").detect``,
                 and the whole ``vlp_core.corpus.stages.region_rows`` stage (JPEG decode, detection, features,
-                rows).
+                rows), once over all images and once as two halves at the same time on a 2-thread pool (how
+                the corpus flow's thread runner runs shards).
 
     .venv/bin/python benchmarks/corpus.py                                  # all three, default sizes
     .venv/bin/python benchmarks/corpus.py --vectors 100000 --sentences 300 --images 16
@@ -58,7 +59,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 BENCHES = {
     "sbert": ("sbert-baseline", "sbert-ours"),
     "faiss": ("faiss-exact", "faiss-auto", "faiss-pq"),
-    "regions": ("feat-baseline", "feat-ours", "feat-ours-1pass", "detect", "region-rows"),
+    "regions": (
+        "feat-baseline",
+        "feat-ours",
+        "feat-ours-1pass",
+        "detect",
+        "region-rows",
+        "region-rows-2shards",
+    ),
 }
 STAGES = tuple(s for stages in BENCHES.values() for s in stages)
 STAGE_LABELS = {
@@ -72,6 +80,7 @@ STAGE_LABELS = {
     "feat-ours-1pass": "ours: extract, tag_image_size=None",
     "detect": "ours: yolov3-tiny detect",
     "region-rows": "ours: region_rows (whole stage)",
+    "region-rows-2shards": "ours: region_rows, 2 shards in threads",
 }
 MB = 1e6
 
@@ -416,8 +425,21 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
         det, ext = vision_models(cfg)
         region_rows(ids[warm], jpegs[warm], det, ext, cfg)
         rss0 = _rss_mb()
-        rows, clock, runs = _timed(lambda: region_rows(ids, jpegs, det, ext, cfg), rep)
-        extra["stats"] = dict(rows.stats)
+        if stage == "region-rows":
+            rows, clock, runs = _timed(lambda: region_rows(ids, jpegs, det, ext, cfg), rep)
+            extra["stats"] = dict(rows.stats)
+        else:  # two halves at once on a 2-thread pool, as the corpus flow's thread runner runs shards
+            from concurrent.futures import ThreadPoolExecutor
+
+            half = len(ids) // 2
+            parts = [(ids[:half], jpegs[:half]), (ids[half:], jpegs[half:])]
+
+            def both() -> list[Any]:
+                with ThreadPoolExecutor(2) as pool:
+                    return list(pool.map(lambda p: region_rows(p[0], p[1], det, ext, cfg), parts))
+
+            outs, clock, runs = _timed(both, rep)
+            extra["stats"] = {k: sum(o.stats[k] for o in outs) for k in outs[0].stats}
     return {"items": len(images), "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds,
             "runs_s": runs, "rss_at_start_mb": rss0, **extra}  # fmt: skip
 
@@ -574,6 +596,9 @@ def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Pa
                 one_pass = by["region-rows"][what] - by["feat-ours"][what] + by["feat-ours-1pass"][what]
                 line += f"; with tag_image_size=None (estimated): {plain / one_pass:.2f}x"
             print(line)
+    if {"region-rows", "region-rows-2shards"} <= set(by):
+        r = by["region-rows"]["seconds"] / by["region-rows-2shards"]["seconds"]
+        print(f"  two shards at once in threads (the flow's thread runner) vs one after the other: {r:.2f}x")
     info = spec["info"]
     print(
         f"  {len(spec['jpegs'])} stored JPEGs (mean {info['mean_megapixels']:.2f} MP; "
