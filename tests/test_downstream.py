@@ -131,11 +131,11 @@ def test_single_modality_baselines_see_one_modality(tasks_corpus):
             assert sample["pixel_values"].std() > 0 and sample["text"] == ""
 
 
-def test_fused_probe_encodes_each_image_of_an_example_and_fits_held_out(tasks_corpus, tmp_path):
+def test_fused_probe_encodes_each_image_of_an_example_and_fits_held_out(tasks_corpus, tmp_path, monkeypatch):
     """``scripts/fused_probe.py``: the frozen fused vectors (one pass per image, concatenated), the probe."""
     import numpy as np
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
     from fused_probe import fused_features, probe
 
     from vlp_core.train.config import load_train_config
