@@ -86,7 +86,7 @@ def task_regions(
     one at a time (the detector and the feature extractor use torch's threads; concurrent shards multiply
     their activations)."""
     from vlp_core.config import RegionsConfig
-    from vlp_core.data.scenes import SCENE_TASKS
+    from vlp_core.data.scenes import default_tasks
 
     log = get_run_logger()
     layout = _layout(data_dir)
@@ -95,7 +95,7 @@ def task_regions(
     store.collect_garbage()
     cfg = RegionsConfig(**(regions or {}))
     t0, made = time.time(), {}
-    for name in tasks or [n for n, s in SCENE_TASKS.items() if s.default]:
+    for name in tasks or default_tasks():
         todo, done, signature, sources = task_build.plan_task_regions(store, name, cfg, shard_size)
         log.info("%s: %d images; %d shards to build, %d committed", name, len(sources), len(todo), done)
         for i, (shard, units) in enumerate(todo, 1):
@@ -125,7 +125,7 @@ def build_tasks(
     ``scale`` multiplies every default size (e.g. 0.1 for a quick look); ``regions``: also make the regions
     of their images (:func:`task_regions`, for region backbones). Returns examples per split with their
     label counts and chance level."""
-    from vlp_core.data.scenes import SCENE_TASKS
+    from vlp_core.data.scenes import SCENE_TASKS, default_tasks
 
     log = get_run_logger()
     layout = _layout(data_dir)
@@ -134,7 +134,7 @@ def build_tasks(
     removed = store.collect_garbage()
     if removed:
         log.info("removed %d leftover files of an interrupted run", removed)
-    names = list(tasks or [n for n, s in SCENE_TASKS.items() if s.default])
+    names = list(tasks or default_tasks())
     unknown = sorted(set(names) - set(SCENE_TASKS))
     if unknown:
         raise ValueError(f"unknown bundled tasks {unknown}; known: {sorted(SCENE_TASKS)}")

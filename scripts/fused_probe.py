@@ -4,7 +4,7 @@ all, whatever fine-tuning does with it?
 For a task preset (``nlvr2_scenes``, ``snli_ve_scenes``, ``gqa_scenes``) and a run to start from, it builds
 the fine-tuning model exactly as the trainer does (backbone weights from ``--init``, a fresh head), encodes
 the first ``--n`` training examples with the backbone's ``fuse`` (one pass per image, pooled vectors
-concatenated, as :class:`~vlp_core.models.heads.FusedClassifier` feeds its head), and fits a logistic
+concatenated: :meth:`~vlp_core.models.heads.FusedClassifier.pooled`, what its head reads), and fits a logistic
 regression on the first part, scoring the rest (``--held-out``), for a few regularisation strengths. Above
 chance here while fine-tuning stays at chance means the signal is in the features but too weak for the
 fine-tuning budget to find; at chance means the features do not carry it.
@@ -27,8 +27,8 @@ import torch
 
 def fused_features(cfg: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``(features, labels)`` of the first ``n`` training examples of the task ``cfg`` names, from the model
-    the trainer would fine-tune (``cfg.init_from``'s backbone, ``None``: as built), in eval mode: one
-    ``fuse`` pass per image, pooled vectors concatenated."""
+    the trainer would fine-tune (``cfg.init_from``'s backbone, ``None``: as built), in eval mode: what its
+    head reads (one ``fuse`` pass per image, pooled vectors concatenated)."""
     from vlp_core.tasks.base import build_spec
     from vlp_core.train.trainer import DistEnv
 
@@ -40,11 +40,8 @@ def fused_features(cfg: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         for start in range(0, n, 64):
             batch = stream.collate([stream.dataset[i] for i in range(start, min(start + 64, n))])
-            pixels = model.image_batch(batch)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            k = getattr(model, "n_images", 1)
-            views = [pixels] if k == 1 else [pixels[:, j] for j in range(k)]
-            xs.append(torch.cat([model.backbone.fuse(v, ids, mask).pooled for v in views], -1).numpy())
+            pooled = model.pooled(model.image_batch(batch), batch["input_ids"], batch["attention_mask"])
+            xs.append(pooled.numpy())
             ys.append(batch["labels"].numpy())
     return np.concatenate(xs), np.concatenate(ys)
 

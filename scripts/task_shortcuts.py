@@ -28,7 +28,7 @@ import numpy as np
 
 from stores.shards import ShardStore
 from vlp_core.data.scenes import COLORS, NOUNS, SCENE_TASKS, SHAPES
-from vlp_core.data.task_data import read_task_examples
+from vlp_core.data.task_data import read_task_examples, task_splits
 from vlp_core.paths import DataLayout
 
 #: the classification-shaped bundled tasks and their test split (``scene-pairs-easy`` when built).
@@ -78,11 +78,10 @@ def main() -> None:
     head = ("task", "shape", "train", "test", "chance", "text only", "image only")
     print("{:22} {:8} {:>6} {:>6} {:>7} {:>10} {:>11}".format(*head))
     for task, split in TASKS.items():
-        try:
-            r = oracles(store, task, split)
-        except ValueError as e:  # not built
-            print(f"{task:22} skipped: {e}")
+        if not task_splits(store, task):
+            print(f"{task:22} not built (vlp build-tasks), skipped")
             continue
+        r = oracles(store, task, split)
         shape = SCENE_TASKS[task].shape
         print(
             f"{task:22} {shape:8} {r['n_train']:>6} {r['n_test']:>6} {100 * r['chance']:>6.1f}%"

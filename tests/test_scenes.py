@@ -271,7 +271,7 @@ def test_slices_agree_on_their_overlap():
 
 def test_image_names_and_registry():
     defaults = {"scene-pairs", "scene-entailment", "scene-refs", "scene-qa", "scene-captions"}
-    assert {n for n, s in SCENE_TASKS.items() if s.default} == defaults
+    assert set(scenes.default_tasks()) == defaults
     assert set(SCENE_TASKS) == defaults | {"scene-pairs-easy"}
     shapes = {s.name: s.shape for s in SCENE_TASKS.values()}
     assert shapes == {

@@ -150,8 +150,14 @@ class FusedClassifier(OnBackbone, nn.Module):
         """``(B, 3, S, S)`` (one image) or ``(B, n, 3, S, S)`` pixels, or regions shaped alike (``(B, R, F)``
         / ``(B, n, R, F)`` features, see :class:`~vlp_core.models.backbones.region_stream.RegionInputs`),
         text ``(B, L)`` -> ``(B, C)``."""
+        return self.head(self.pooled(pixel_values, input_ids, attention_mask))
+
+    def pooled(
+        self, pixel_values: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """What the head reads: the fused pooled vector, or one per image concatenated ``(B, n * width)``."""
         if self.n_images == 1:
-            return self.head(self.backbone.fuse(pixel_values, input_ids, attention_mask).pooled)
+            return self.backbone.fuse(pixel_values, input_ids, attention_mask).pooled
         per_example = (pixel_values.feats if isinstance(pixel_values, RegionInputs) else pixel_values).shape[
             1
         ]
@@ -161,7 +167,7 @@ class FusedClassifier(OnBackbone, nn.Module):
             self.backbone.fuse(pixel_values[:, j], input_ids, attention_mask).pooled
             for j in range(self.n_images)
         ]
-        return self.head(torch.cat(pooled, dim=-1))
+        return torch.cat(pooled, dim=-1)
 
     def forward(
         self,

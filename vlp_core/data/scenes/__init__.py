@@ -135,6 +135,7 @@ __all__ = [
     "SpriteBanks",
     "build_split",
     "chance_level",
+    "default_tasks",
     "compose_scene",
     "encode_png",
     "entailment_label",
@@ -249,6 +250,11 @@ SCENE_TASKS: dict[str, SceneTaskSpec] = {
         ),
     )
 }
+
+
+def default_tasks() -> list[str]:
+    """The bundled tasks built when none is named (all but those built on request, e.g. ``scene-pairs-easy``)."""
+    return [name for name, spec in SCENE_TASKS.items() if spec.default]
 
 
 def generate(
