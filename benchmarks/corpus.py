@@ -57,13 +57,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCHES = {
-    "sbert": ("sbert-baseline", "sbert-ours"),
+    "sbert": ("sbert-baseline", "sbert-ours", "sbert-ours-bf16"),
     "faiss": ("faiss-exact", "faiss-auto", "faiss-pq"),
     "regions": (
         "feat-baseline",
         "feat-ours",
         "feat-ours-1pass",
         "detect",
+        "region-rows-fp32",
         "region-rows",
         "region-rows-2shards",
     ),
@@ -72,13 +73,15 @@ STAGES = tuple(s for stages in BENCHES.values() for s in stages)
 STAGE_LABELS = {
     "sbert-baseline": "baseline: SentenceTransformer.encode",
     "sbert-ours": "ours: embed_rows (length-sorted, f16)",
+    "sbert-ours-bf16": "ours: embed_rows, precision bf16",
     "faiss-exact": "baseline: IndexFlatIP (exact)",
     "faiss-auto": "ours: build_index, choose_factory",
     "faiss-pq": "ours: build_index, forced PQ",
     "feat-baseline": "baseline: timm model(x) @ size",
     "feat-ours": "ours: RegionFeatureExtractor.extract",
     "feat-ours-1pass": "ours: extract, tag_image_size=None",
-    "detect": "ours: yolov3-tiny detect",
+    "detect": "plain: yolov3-tiny detect (fp32, NCHW)",
+    "region-rows-fp32": "ours: region_rows, precision fp32",
     "region-rows": "ours: region_rows (whole stage)",
     "region-rows-2shards": "ours: region_rows, 2 shards in threads",
 }
@@ -186,7 +189,7 @@ def _stage_sbert(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str, A
     else:
         from vlp_core.corpus.stages import embed_rows, sentence_encoder
 
-        encoder = sentence_encoder(None, None, batch)
+        encoder = sentence_encoder(None, None, batch, "bf16" if stage == "sbert-ours-bf16" else "fp32")
         embed_rows(encoder, ids[:8], texts[:8])  # warm-up
         rss0 = _rss_mb()
         rows, clock, runs = _timed(lambda: embed_rows(encoder, ids, texts), rep)
@@ -413,7 +416,10 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
     elif stage == "detect":
         from vlp_core.vision.detect import build_detector
 
-        det = build_detector("yolov3-tiny", conf_threshold=cfg.conf_threshold)
+        # the plain network: float32, NCHW (the project's own port: OpenCV 5 has no Darknet importer)
+        det = build_detector(
+            "yolov3-tiny", conf_threshold=cfg.conf_threshold, precision="fp32", channels_last=False
+        )
         det.detect(images[warm])
         rss0 = _rss_mb()
         dets, clock, runs = _timed(lambda: det.detect(images), rep)
@@ -422,10 +428,13 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
     else:
         from vlp_core.corpus.stages import region_rows, vision_models
 
+        if stage == "region-rows-fp32":
+            cfg = cfg.model_copy(update={"precision": "fp32"})
         det, ext = vision_models(cfg)
+        extra["precision"] = ext.precision
         region_rows(ids[warm], jpegs[warm], det, ext, cfg)
         rss0 = _rss_mb()
-        if stage == "region-rows":
+        if stage in ("region-rows", "region-rows-fp32"):
             rows, clock, runs = _timed(lambda: region_rows(ids, jpegs, det, ext, cfg), rep)
             extra["stats"] = dict(rows.stats)
         else:  # two halves at once on a 2-thread pool, as the corpus flow's thread runner runs shards
@@ -496,15 +505,26 @@ def report_sbert(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path
     )
     summary: dict[str, Any] = {}
     got = {r["stage"]: out_dir / f"{r['stage']}.npy" for r in rows}
-    if set(got) == {"sbert-baseline", "sbert-ours"}:
+    for ours in ("sbert-ours", "sbert-ours-bf16"):
+        if not {"sbert-baseline", ours} <= set(got):
+            continue
         a = np.load(got["sbert-baseline"]).astype(np.float32)
-        b = np.load(got["sbert-ours"]).astype(np.float32)
+        b = np.load(got[ours]).astype(np.float32)
         diff = np.abs(a - b)
         cos = (a * b).sum(axis=1)
-        summary = {"max_abs_diff": float(diff.max()), "min_cosine": float(cos.min())}
+        sim_a, sim_b = a @ a.T, b @ b.T  # each sentence's nearest other sentence, by each side's vectors
+        np.fill_diagonal(sim_a, -2.0)
+        np.fill_diagonal(sim_b, -2.0)
+        same_nn = float((sim_a.argmax(axis=1) == sim_b.argmax(axis=1)).mean())
+        summary[ours] = {
+            "max_abs_diff": float(diff.max()),
+            "min_cosine": float(cos.min()),
+            "same_nn": same_nn,
+        }
         print(
-            f"  max |ours - baseline| = {diff.max():.2e} over {a.size:,} components (ours stored as "
-            f"float16), min cosine(ours, baseline) = {cos.min():.6f}"
+            f"  {ours}: max |ours - baseline| = {diff.max():.2e} over {a.size:,} components (ours stored as "
+            f"float16), min cosine(ours, baseline) = {cos.min():.6f}, nearest neighbour the same for "
+            f"{same_nn:.1%}"
         )
     for r in rows:
         if r["stage"] == "sbert-ours":
@@ -606,7 +626,9 @@ def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Pa
     )
     for r in rows:
         bits = {
-            k: r[k] for k in ("tag_image_size", "detections", "images_with_detections", "stats") if k in r
+            k: r[k]
+            for k in ("tag_image_size", "precision", "detections", "images_with_detections", "stats")
+            if k in r
         }
         if bits:
             print(f"  {r['stage']:>15}: " + ", ".join(f"{k}={v}" for k, v in bits.items()))

@@ -34,6 +34,7 @@ import vlp_core.language.embed
 import vlp_core.language.grounding
 import vlp_core.language.linking
 import vlp_core.language.phrases
+import vlp_core.precision
 import vlp_core.vision.darknet
 import vlp_core.vision.detect
 import vlp_core.vision.features
@@ -339,7 +340,7 @@ def _query(catalog: str, sql: str) -> list[tuple]:
 
 
 REGIONS = "regions"
-REGIONS_CODE = code_version(corpus.region_rows, corpus.vision_models, *VISION_MODULES)
+REGIONS_CODE = code_version(corpus.region_rows, corpus.vision_models, *VISION_MODULES, vlp_core.precision)
 
 
 def _region_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
@@ -354,8 +355,8 @@ SHARD_ROWS[REGIONS] = _region_rows
 
 def plan_regions(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Every distinct image without regions under the current settings → shards of ``regions.shard_size``."""
-    signature = stable_hash(REGIONS, cfg.regions.model_dump(exclude={"shard_size", "batch_size", "device"}),
-                            REGIONS_CODE)  # fmt: skip
+    params = corpus.regions_params(cfg.regions, {"shard_size", "batch_size", "device"})
+    signature = stable_hash(REGIONS, params, REGIONS_CODE)
     units = "SELECT image_id AS key, image_id AS fp, filename AS file FROM images"
     return stream_jobs(layout, REGIONS, units, signature, cfg.regions.shard_size, "file, key",
                        memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
@@ -369,7 +370,7 @@ def regions_flow(cfg: CorpusConfig, layout: DataLayout) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ embed, index
 
 EMBED, INDEX = "embed", "index"
-EMBED_CODE = code_version(corpus.embed_rows, vlp_core.language.embed)
+EMBED_CODE = code_version(corpus.embed_rows, vlp_core.language.embed, vlp_core.precision)
 
 
 def _texts_of(job: ShardJob) -> list[str]:
@@ -382,8 +383,19 @@ def _texts_of(job: ShardJob) -> list[str]:
 TEXT_UNITS = "SELECT text_id AS key, text_id AS fp, filename AS file FROM texts_located"
 
 
+def _encoder(cfg: CorpusConfig):
+    """The embed stage's sentence encoder (the retrieve stage encodes its queries with the same)."""
+    return corpus.sentence_encoder(
+        cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size, cfg.embed.precision
+    )
+
+
+def _embed_precision(cfg: CorpusConfig) -> str:
+    return vlp_core.precision.resolve(cfg.embed.precision, cfg.embed.device)
+
+
 def _embed_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    enc = _encoder(cfg)
     return corpus.embed_rows(enc, [k for k, _ in job.units], _texts_of(job))
 
 
@@ -392,7 +404,7 @@ SHARD_ROWS[EMBED] = _embed_rows
 
 def plan_embed(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     """Every distinct sentence not yet embedded under the current model → shards of ``embed.shard_size``."""
-    signature = stable_hash(EMBED, cfg.embed.model_path, EMBED_CODE)
+    signature = stable_hash(EMBED, cfg.embed.model_path, _embed_precision(cfg), EMBED_CODE)
     return stream_jobs(layout, EMBED, TEXT_UNITS, signature, cfg.embed.shard_size, "file, key",
                        memory_mb=cfg.runner.plan_memory_mb)  # fmt: skip
 
@@ -474,7 +486,7 @@ def _sentence_index(layout_indexes: str, signature: str) -> tuple:
 
 
 def _retrieve_rows(job: ShardJob, cfg: CorpusConfig) -> ShardRows:
-    enc = corpus.sentence_encoder(cfg.embed.model_path, cfg.embed.device, cfg.embed.batch_size)
+    enc = _encoder(cfg)
     index, ids = _sentence_index(job.payload["indexes"], job.payload["index_signature"])
     image_ids = [k for k, _ in job.units]
     return corpus.retrieve_rows(enc, index, ids, image_ids, job.payload["query"], cfg.retrieve.top_k)
@@ -548,8 +560,8 @@ def plan_retrieve(cfg: CorpusConfig, layout: DataLayout) -> JobStream:
     import pyarrow as pa
 
     meta = FaissStore(layout.indexes).load_meta("sentences")
-    signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path, EMBED_CODE,
-                            RETRIEVE_CODE)  # fmt: skip
+    signature = stable_hash(RETRIEVE, meta.signature, cfg.retrieve.top_k, cfg.embed.model_path,
+                            _embed_precision(cfg), EMBED_CODE, RETRIEVE_CODE)  # fmt: skip
 
     def prepare(con) -> None:
         python_units(

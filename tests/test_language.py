@@ -82,7 +82,7 @@ class _RecordingModel:
 
 def test_encode_sorts_batches_by_length_and_restores_order_exactly():
     enc = SentenceEncoder.__new__(SentenceEncoder)  # the batching logic, without loading a model
-    enc.model, enc.batch_size = _RecordingModel(), 3
+    enc.model, enc.batch_size, enc.device, enc._amp_dtype = _RecordingModel(), 3, "cpu", None
     texts = ["bb", "a", "dddd", "ccc", "eeeee", "a", "", "ffffff"]
     out = enc.encode(texts)
     lengths = [len(t) for batch in enc.model.batches for t in batch]
@@ -103,6 +103,18 @@ def test_encode_order_matches_one_by_one(encoder):
         encoder.batch_size = old
     singles = np.stack([encoder.encode([t])[0] for t in texts])
     np.testing.assert_allclose(batched, singles, atol=1e-4)
+
+
+def test_bf16_encoding_stays_close_to_fp32(encoder):
+    """``precision="bf16"`` (autocast) gives float32, normalised rows within rounding of fp32's."""
+    texts = ["a cat on a mat", "two dogs play in the snow", "a red apple", "the stock market fell sharply"]
+    bf16 = SentenceEncoder(precision="bf16")
+    assert encoder.precision == "fp32" and bf16.precision == "bf16"
+    a, b = encoder.encode(texts), bf16.encode(texts)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert ((a * b).sum(axis=1) > 0.999).all()
+    assert ((b @ b.T).argsort(axis=1)[:, -2] == (a @ a.T).argsort(axis=1)[:, -2]).all()
 
 
 def test_encode_rejects_bad_input(encoder):

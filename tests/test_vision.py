@@ -19,6 +19,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from vlp_core import precision
 from vlp_core.corpus.images import DecodedImage, decode_image, load_rgb
 from vlp_core.vision import (
     Detection,
@@ -306,3 +307,55 @@ def test_region_features_batch_equals_single(extractor, photos):
         (one,) = extractor.extract([im], [b])
         np.testing.assert_allclose(got.regions, one.regions, atol=1e-4)
         np.testing.assert_allclose(got.probs, one.probs, atol=1e-4)
+
+
+def test_channels_last_equals_contiguous_layout(photos, real):
+    """NHWC (the default, for speed) and NCHW give the same features, tags and detections up to rounding."""
+    images = list(photos.values())
+    boxes = [
+        np.concatenate([whole_image_box(*im.size), [[10, 20, 200, 250]]]).astype(np.float32) for im in images
+    ]
+    nhwc, nchw = (
+        RegionFeatureExtractor(load_efficientnet_lite0(), batch_size=4, channels_last=cl, precision="fp32")
+        for cl in (True, False)
+    )
+    assert nhwc.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.backbone.conv_stem.weight.is_contiguous()
+    for a, b in zip(nhwc.extract(images, boxes), nchw.extract(images, boxes), strict=True):
+        np.testing.assert_allclose(a.regions, b.regions, atol=1e-4)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+    yolo_nhwc, yolo_nchw = (
+        YoloV3TinyDetector.from_dir(real.yolo, conf_threshold=0.05, channels_last=cl, precision="fp32")
+        for cl in (True, False)
+    )
+    for a, b in zip(yolo_nhwc.detect(images), yolo_nchw.detect(images), strict=True):
+        assert [d.label for d in a] == [d.label for d in b]
+        np.testing.assert_allclose(detection_boxes(a), detection_boxes(b), atol=1e-2)
+        np.testing.assert_allclose([d.score for d in a], [d.score for d in b], atol=1e-5)
+
+
+def test_precision_resolves_and_bf16_stays_close_to_fp32(lite0, photos, real):
+    """``auto`` is bf16 exactly where the hardware has it; bf16 features, tags and detections stay close to
+    fp32's (heads and box decoding run in float32)."""
+    assert precision.resolve("fp32", "cuda") == "fp32" and precision.resolve("bf16", "cpu") == "bf16"
+    assert precision.resolve("auto", "cuda") == "bf16"
+    assert precision.resolve("auto", "cpu") == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        precision.resolve("fp16", "cpu")
+    images = list(photos.values())
+    fp32 = RegionFeatureExtractor(lite0, batch_size=4, precision="fp32")
+    bf16 = RegionFeatureExtractor(lite0, batch_size=4, precision="bf16")
+    assert fp32._amp_dtype is None and bf16._amp_dtype == torch.bfloat16
+    for a, b in zip(fp32.extract(images), bf16.extract(images), strict=True):
+        cos = float(a.regions[0] @ b.regions[0] / np.linalg.norm(a.regions[0]) / np.linalg.norm(b.regions[0]))
+        assert cos > 0.98
+        assert np.abs(a.probs - b.probs).max() < 0.1
+        if a.probs.max() >= 0.5:  # a confident top class stays on top
+            assert a.probs.argmax() == b.probs.argmax()
+        assert b.probs.dtype == np.float32 and b.probs.sum() == pytest.approx(1.0, abs=1e-4)
+    det32, det16 = (
+        YoloV3TinyDetector.from_dir(real.yolo, conf_threshold=0.05, precision=p) for p in ("fp32", "bf16")
+    )
+    for a, b in zip(det32.detect(images), det16.detect(images), strict=True):
+        strong = [d.label for d in a if d.score >= 0.2]
+        assert strong == [d.label for d in b if d.score >= 0.2][: len(strong)]

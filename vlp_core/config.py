@@ -78,6 +78,11 @@ class EmbedConfig(_Strict):
     batch_size: int = 128
     shard_size: int = Field(2048, description="sentences per shard")
     device: str | None = None  # None: CUDA when available
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="autocast of the sentence encoder (vlp_core.precision): auto = bf16 on a GPU or a CPU "
+        "with native bf16, else fp32; the queries of the retrieve stage use the same",
+    )
 
 
 class IndexConfig(_Strict):
@@ -109,6 +114,11 @@ class RegionsConfig(_Strict):
     batch_size: int = 16
     shard_size: int = Field(256, description="images per shard")
     device: str | None = None
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="autocast of the detector's and backbone's convolutions (vlp_core.precision): auto = "
+        "bf16 on a GPU or a CPU with native bf16, else fp32; heads, softmax and RoIAlign stay float32",
+    )
 
 
 class RetrieveConfig(_Strict):

@@ -18,14 +18,16 @@ _ENCODERS: dict[tuple, object] = {}
 _LOCK = threading.RLock()  # re-entrant: similarity() builds its encoder under it
 
 
-def sentence_encoder(model_path: str | None, device: str | None, batch_size: int):
+def sentence_encoder(model_path: str | None, device: str | None, batch_size: int, precision: str = "fp32"):
     """One encoder per process and settings (shards on a thread pool share it)."""
     from vlp_core.language import SentenceEncoder
 
-    key = (model_path, device, batch_size)
+    key = (model_path, device, batch_size, precision)
     with _LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = SentenceEncoder(model_path=model_path, device=device, batch_size=batch_size)
+            _ENCODERS[key] = SentenceEncoder(
+                model_path=model_path, device=device, batch_size=batch_size, precision=precision
+            )
         return _ENCODERS[key]
 
 
@@ -54,6 +56,17 @@ def iter_embeddings(files: list[str], batch_rows: int = 65_536) -> Iterator[tupl
 
 # ------------------------------------------------------------------------------------------------ regions
 
+
+def regions_params(cfg, exclude: set[str] | frozenset[str] = frozenset()) -> dict:
+    """A RegionsConfig's settings for a stage signature, with ``precision`` as resolved on this machine (an
+    ``auto`` that means bf16 here and fp32 elsewhere must not share shards)."""
+    from vlp_core.precision import resolve
+
+    params = cfg.model_dump(mode="json", exclude=set(exclude))
+    params["precision"] = resolve(cfg.precision, cfg.device)
+    return params
+
+
 _VISION: dict[tuple, tuple] = {}
 
 
@@ -63,15 +76,21 @@ def vision_models(cfg) -> tuple:
     from vlp_core.vision.features import RegionFeatureExtractor
 
     key = (cfg.detector, repr(sorted(cfg.detector_options.items())), cfg.conf_threshold, cfg.image_size,
-           cfg.batch_size, cfg.device)  # fmt: skip
+           cfg.batch_size, cfg.device, cfg.precision)  # fmt: skip
     with _LOCK:
         if key not in _VISION:
             opts = dict(cfg.detector_options)
             opts.setdefault("conf_threshold" if cfg.detector == "yolov3-tiny" else "score_threshold",
                             cfg.conf_threshold)  # fmt: skip
+            if cfg.detector == "yolov3-tiny":  # detectron2 keeps its own config's precision
+                opts.setdefault("precision", cfg.precision)
             detector = build_detector(cfg.detector, device=cfg.device, **opts)
-            extractor = RegionFeatureExtractor(image_size=cfg.image_size, device=cfg.device,
-                                               batch_size=cfg.batch_size)  # fmt: skip
+            extractor = RegionFeatureExtractor(
+                image_size=cfg.image_size,
+                device=cfg.device,
+                batch_size=cfg.batch_size,
+                precision=cfg.precision,
+            )
             _VISION[key] = (detector, extractor)
         return _VISION[key]
 

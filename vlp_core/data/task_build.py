@@ -252,10 +252,14 @@ def task_image_sources(store: ShardStore, task: str) -> dict[str, dict[str, Any]
 
 
 def _regions_signature(cfg: Any) -> str:
+    from vlp_core import precision
     from vlp_core.corpus import stages
-    from vlp_core.vision import detect, features
+    from vlp_core.vision import darknet, detect, features
 
-    return stable_hash(cfg.model_dump(mode="json"), code_version(stages.region_rows, detect, features))
+    return stable_hash(
+        stages.regions_params(cfg),
+        code_version(stages.region_rows, stages.vision_models, darknet, detect, features, precision),
+    )
 
 
 def plan_task_regions(

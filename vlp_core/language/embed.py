@@ -49,6 +49,11 @@ class SentenceEncoder:
         batch_size: sentences per forward pass.
         max_seq_length: word pieces per sentence; longer ones are truncated (captions and corpus
             sentences are short; 128 keeps the padded batches small).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (:mod:`vlp_core.precision`): autocast of
+            the forward pass; the embeddings are returned float32 and normalised either way. On this
+            project's 2-core CPU (AVX512-BF16) bf16 encodes 1.9x faster, and over 3,000 distinct corpus
+            sentences the cosine to fp32 was >= 0.9999 and each sentence's nearest neighbour the same for
+            99.5 %.
 
     Texts are sorted by character length (longest first) before batching, so each batch pads to a similar
     length, and the embeddings are put back in the caller's order. Character length is a cheap proxy for the
@@ -61,12 +66,15 @@ class SentenceEncoder:
         device: str | None = None,
         batch_size: int = 128,
         max_seq_length: int = 128,
+        precision: str = "fp32",
     ) -> None:
         # Fail fast on a missing file instead of waiting on a network timeout.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
+
+        from vlp_core.precision import autocast_dtype, resolve
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,6 +86,8 @@ class SentenceEncoder:
         self.model = SentenceTransformer(self.model_path, device=device)
         self.model.max_seq_length = max_seq_length
         self.model.eval()
+        self.precision = resolve(precision, device)
+        self._amp_dtype = autocast_dtype(self.precision, torch.device(device))
 
     @property
     def dim(self) -> int:
@@ -95,6 +105,8 @@ class SentenceEncoder:
             ``(len(texts), dim)`` float32, each row L2-normalised (so a dot product is the cosine), in the
             order of ``texts``. An empty input gives ``(0, dim)``.
         """
+        import torch
+
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -109,13 +121,18 @@ class SentenceEncoder:
         try:
             for lo in range(0, len(texts), self.batch_size):
                 idx = order[lo : lo + self.batch_size]
-                emb = self.model.encode(
-                    [texts[i] for i in idx],
-                    batch_size=len(idx),
-                    convert_to_numpy=True,
-                    normalize_embeddings=False,
-                    show_progress_bar=False,
-                )
+                with torch.autocast(
+                    torch.device(self.device).type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
+                ):
+                    emb = self.model.encode(
+                        [texts[i] for i in idx],
+                        batch_size=len(idx),
+                        convert_to_tensor=True,
+                        normalize_embeddings=False,
+                        show_progress_bar=False,
+                    )
+                if isinstance(emb, torch.Tensor):  # bf16 has no numpy dtype: widen on the torch side
+                    emb = emb.float().cpu().numpy()
                 out[idx] = l2_normalise(emb)
                 if bar is not None:
                     bar.update(len(idx))

@@ -111,6 +111,8 @@ class DarknetYolo(nn.Module):
 
     ``forward(x)``: ``x`` (B, 3, H, W) float RGB in [0, 1], H and W multiples of 32 → (B, N, 5 + C) decoded
     rows (see :class:`_YoloHead`), all YOLO heads concatenated.
+    Under ``torch.autocast`` the trunk runs in the autocast dtype, and the convolution feeding each YOLO head
+    and the decoding in float32, so the logits that meet the confidence threshold keep float32 resolution.
     """
 
     def __init__(self, sections: list[dict[str, str]]):
@@ -175,6 +177,10 @@ class DarknetYolo(nn.Module):
         if num_classes is None:
             raise ValueError("darknet cfg has no [yolo] layer")
         self.num_classes = num_classes
+        # The convolutions right before a [yolo] layer give its logits: run them in float32 under autocast.
+        self.head_convs = {
+            i - 1 for i, k in enumerate(self.kinds) if k == "yolo" and self.kinds[i - 1] == "convolutional"
+        }
 
     @classmethod
     def from_files(cls, cfg: str | Path, weights: str | Path) -> DarknetYolo:
@@ -241,13 +247,16 @@ class DarknetYolo(nn.Module):
         input_hw = (x.shape[-2], x.shape[-1])
         outputs: list[torch.Tensor] = []
         heads: list[torch.Tensor] = []
-        for layer, kind, srcs in zip(self.layers, self.kinds, self.sources, strict=True):
+        for i, (layer, kind, srcs) in enumerate(zip(self.layers, self.kinds, self.sources, strict=True)):
             if kind == "route":
                 x = torch.cat([outputs[j] for j in srcs], dim=1) if len(srcs) > 1 else outputs[srcs[0]]
             elif kind == "shortcut":
                 x = x + outputs[srcs[0]]
             elif kind == "yolo":
                 heads.append(layer(x, input_hw))
+            elif i in self.head_convs:
+                with torch.autocast(x.device.type, enabled=False):
+                    x = layer(x.float())
             else:
                 x = layer(x)
             outputs.append(x)

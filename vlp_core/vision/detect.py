@@ -27,6 +27,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from vlp_core.precision import autocast_dtype, resolve
 from vlp_core.vision.darknet import DarknetYolo
 
 # Darknet / PASCAL VOC spellings → the words a caption would use. COCO's own names ("motorbike", "sofa",
@@ -97,6 +98,11 @@ class YoloV3TinyDetector:
     Thread safety: the network is read-only after loading and ``detect`` runs under
     ``torch.inference_mode``, so one instance may be shared by a thread pool (each thread's forward pass uses
     torch's intra-op threads: with many workers, ``torch.set_num_threads(1)`` avoids oversubscription).
+
+    ``channels_last`` (default True): weights and input batches in NHWC memory order, about 1.1x faster on
+    CPU at 416 px (batch 16); outputs equal NCHW's up to float rounding (relative |Δ| about 2e-6).
+    ``precision`` (:mod:`vlp_core.precision`, default ``"auto"``) sets autocast for the convolutions; the
+    convolutions that feed the YOLO heads and the box decoding run in float32 (:class:`DarknetYolo`).
     """
 
     name = "yolov3-tiny"
@@ -111,11 +117,16 @@ class YoloV3TinyDetector:
         input_size: int = 416,
         device: str | torch.device | None = None,
         batch_size: int = 16,
+        channels_last: bool = True,
+        precision: str = "auto",
     ):
         if input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = DarknetYolo.from_files(cfg, weights).to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = DarknetYolo.from_files(cfg, weights).to(self.device, memory_format=self.memory_format)
+        self.precision = resolve(precision, self.device)
+        self._amp_dtype = autocast_dtype(self.precision, self.device)
         raw = [line.strip() for line in Path(names).read_text().splitlines() if line.strip()]
         if len(raw) != self.model.num_classes:
             raise ValueError(f"{names}: {len(raw)} names for a {self.model.num_classes}-class network")
@@ -138,7 +149,7 @@ class YoloV3TinyDetector:
         s = self.input_size
         arrs = [cv2.resize(_rgb_array(im), (s, s), interpolation=cv2.INTER_LINEAR) for im in images]
         x = torch.from_numpy(np.stack(arrs)).to(self.device).permute(0, 3, 1, 2)
-        return x.float().div_(255.0)
+        return x.float().div_(255.0).contiguous(memory_format=self.memory_format)
 
     def _postprocess(self, rows: torch.Tensor, width: int, height: int) -> list[Detection]:
         """``rows`` (N, 5 + C) decoded network output for one image → detections in its pixels."""
@@ -164,7 +175,10 @@ class YoloV3TinyDetector:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size]
-                rows = self.model(self._blob(chunk)).float().cpu()
+                with torch.autocast(
+                    self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
+                ):
+                    rows = self.model(self._blob(chunk)).float().cpu()
                 out.extend(self._postprocess(r, *im.size) for r, im in zip(rows, chunk, strict=True))
         return out
 

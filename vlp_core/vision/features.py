@@ -20,6 +20,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from vlp_core.precision import autocast_dtype, resolve
 from vlp_core.vision.detect import normalise_label
 
 
@@ -137,9 +138,15 @@ class RegionFeatureExtractor:
     probabilities almost nothing clears :func:`imagenet_tags`' ``min_prob=0.2``. Set it to None to take the
     tags from the region pass for free.
 
-    ``device=None`` picks CUDA when available; autocast (bf16, or fp16 where bf16 is unsupported) only on
-    CUDA, with RoIAlign and the softmax in float32. Forward passes are read-only, so an instance can be
-    shared across threads.
+    ``device=None`` picks CUDA when available. ``precision`` (:mod:`vlp_core.precision`; default ``"auto"``:
+    bf16 on a GPU and on a CPU with native bf16, fp32 elsewhere) sets autocast for the backbone's feature
+    passes; the classifier head, the softmax and RoIAlign always run in float32. Forward passes are
+    read-only, so an instance can be shared across threads.
+
+    ``channels_last`` (default True): the backbone's weights and its input batches in NHWC memory order,
+    which the CPU convolution kernels run much faster (EfficientNet-Lite0, batch 16, 2 threads: 1.6x at
+    384 px, 1.8x at 224 px; ``benchmarks/corpus.py --bench regions``). The same arithmetic in another order:
+    features and probabilities equal NCHW's up to float rounding (max |Δ| about 3e-5).
     """
 
     def __init__(
@@ -149,21 +156,24 @@ class RegionFeatureExtractor:
         device: str | torch.device | None = None,
         batch_size: int = 16,
         tag_image_size: int | None = 224,
+        channels_last: bool = True,
+        precision: str = "auto",
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tag_image_size = tag_image_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = (
-            (backbone if backbone is not None else load_efficientnet_lite0()).eval().to(self.device)
+            (backbone if backbone is not None else load_efficientnet_lite0())
+            .eval()
+            .to(self.device, memory_format=self.memory_format)
         )
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         self.mean = torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", (0.5, 0.5, 0.5)), device=self.device).view(1, 3, 1, 1)
         self.image_size, self.batch_size = image_size, batch_size
         self.num_features = int(self.backbone.num_features)
-        if self.device.type == "cuda":
-            self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self._amp_dtype = None
+        self.precision = resolve(precision, self.device)
+        self._amp_dtype = autocast_dtype(self.precision, self.device)
 
     def _pixels(self, images: Sequence[Image.Image], s: int) -> torch.Tensor:
         arrs = [
@@ -173,7 +183,7 @@ class RegionFeatureExtractor:
             for im in images
         ]
         x = torch.from_numpy(np.stack(arrs)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def extract(
         self, images: list[Image.Image], boxes: Sequence[np.ndarray] | None = None
@@ -197,12 +207,14 @@ class RegionFeatureExtractor:
         separate_tags = self.tag_image_size not in (None, self.image_size)
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
             fmap = self.backbone.forward_features(self._pixels(images, self.image_size))
-            if separate_tags:
-                logits = self.backbone(self._pixels(images, self.tag_image_size))
-            else:
-                logits = self.backbone.forward_head(fmap)
+            tag_map = (
+                self.backbone.forward_features(self._pixels(images, self.tag_image_size))
+                if separate_tags
+                else fmap
+            )
         fmap = fmap.float()
-        probs = logits.float().softmax(dim=-1).cpu().numpy()
+        logits = self.backbone.forward_head(tag_map.float())  # float32: the tags' thresholds are sharp
+        probs = logits.softmax(dim=-1).cpu().numpy()
         rois = []
         for im, b in zip(images, boxes, strict=True):
             w, h = im.size
