@@ -437,6 +437,17 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
         if stage in ("region-rows", "region-rows-fp32"):
             rows, clock, runs = _timed(lambda: region_rows(ids, jpegs, det, ext, cfg), rep)
             extra["stats"] = dict(rows.stats)
+            # what the report compares between the two precisions: per image its tags and detector labels,
+            # and the whole image's feature
+            regions = rows.tables["regions"]
+            np.save(
+                out_dir / f"{stage}.npy", np.stack([r["feature"] for r in regions if r["region_idx"] == 0])
+            )
+            labels = [
+                [r["label"] for r in regions if r["image_id"] == i and r["region_idx"] > 0] for i in ids
+            ]
+            tags = [t["tags"] for t in rows.tables["image_tags"]]
+            (out_dir / f"{stage}.json").write_text(json.dumps({"tags": tags, "labels": labels}))
         else:  # two halves at once on a 2-thread pool, as the corpus flow's thread runner runs shards
             from concurrent.futures import ThreadPoolExecutor
 
@@ -603,6 +614,8 @@ def report_faiss(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path
 
 
 def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
     print(_throughput_table(rows, "images", "feat-baseline", "vs timm forward"))
     by = {r["stage"]: r for r in rows}
     if {"feat-baseline", "detect", "region-rows"} <= set(by):
@@ -616,6 +629,22 @@ def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Pa
                 one_pass = by["region-rows"][what] - by["feat-ours"][what] + by["feat-ours-1pass"][what]
                 line += f"; with tag_image_size=None (estimated): {plain / one_pass:.2f}x"
             print(line)
+    summary: dict[str, Any] = {}
+    if {"region-rows", "region-rows-fp32"} <= set(by) and by["region-rows"]["precision"] != "fp32":
+        ours, fp32 = (
+            json.loads((out_dir / f"{k}.json").read_text()) for k in ("region-rows", "region-rows-fp32")
+        )
+        a, b = (np.load(out_dir / f"{k}.npy").astype(np.float32) for k in ("region-rows", "region-rows-fp32"))
+        cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        same_tags = float(np.mean([x == y for x, y in zip(ours["tags"], fp32["tags"], strict=True)]))
+        same_labels = float(np.mean([x == y for x, y in zip(ours["labels"], fp32["labels"], strict=True)]))
+        summary = {"same_tags": same_tags, "same_detections": same_labels, "min_cosine": float(cos.min()),
+                   "mean_cosine": float(cos.mean())}  # fmt: skip
+        print(
+            f"  region_rows {by['region-rows']['precision']} vs fp32: the same tags for {same_tags:.1%} of "
+            f"images, the same detected labels for {same_labels:.1%}; whole-image feature cosine min "
+            f"{cos.min():.4f}, mean {cos.mean():.5f}"
+        )
     if {"region-rows", "region-rows-2shards"} <= set(by):
         r = by["region-rows"]["seconds"] / by["region-rows-2shards"]["seconds"]
         print(f"  two shards at once in threads (the flow's thread runner) vs one after the other: {r:.2f}x")
@@ -632,7 +661,7 @@ def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Pa
         }
         if bits:
             print(f"  {r['stage']:>15}: " + ", ".join(f"{k}={v}" for k, v in bits.items()))
-    return {}
+    return summary
 
 
 REPORTS = {"sbert": report_sbert, "faiss": report_faiss, "regions": report_regions}

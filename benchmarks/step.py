@@ -182,6 +182,8 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    from vlp_core.train.config import OptimConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=("reference", "tiny"), default="reference")
     ap.add_argument("--variants", default="pretrain,retrieval")
@@ -192,9 +194,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--optimizers",
-        default="loop",
+        default=OptimConfig().impl,
         help="AdamW implementations, comma-separated (loop, foreach, fused); several are stepped in "
-        "lockstep in one process, so their ratio is measured under the same load",
+        "lockstep in one process, so their ratio is measured under the same load (default: the trainer's, "
+        "optim.impl)",
     )
     ap.add_argument(
         "--zero-grad",
