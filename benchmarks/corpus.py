@@ -441,13 +441,13 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
             # and the whole image's feature
             regions = rows.tables["regions"]
             np.save(
-                out_dir / f"{stage}.npy", np.stack([r["feature"] for r in regions if r["region_idx"] == 0])
+                out_dir / f"{stage}-features.npy", np.stack([r["feature"] for r in regions if r["region_idx"] == 0])
             )
             labels = [
                 [r["label"] for r in regions if r["image_id"] == i and r["region_idx"] > 0] for i in ids
             ]
             tags = [t["tags"] for t in rows.tables["image_tags"]]
-            (out_dir / f"{stage}.json").write_text(json.dumps({"tags": tags, "labels": labels}))
+            (out_dir / f"{stage}-outputs.json").write_text(json.dumps({"tags": tags, "labels": labels}))
         else:  # two halves at once on a 2-thread pool, as the corpus flow's thread runner runs shards
             from concurrent.futures import ThreadPoolExecutor
 
@@ -632,9 +632,13 @@ def report_regions(rows: list[dict[str, Any]], spec: dict[str, Any], out_dir: Pa
     summary: dict[str, Any] = {}
     if {"region-rows", "region-rows-fp32"} <= set(by) and by["region-rows"]["precision"] != "fp32":
         ours, fp32 = (
-            json.loads((out_dir / f"{k}.json").read_text()) for k in ("region-rows", "region-rows-fp32")
+            json.loads((out_dir / f"{k}-outputs.json").read_text())
+            for k in ("region-rows", "region-rows-fp32")
         )
-        a, b = (np.load(out_dir / f"{k}.npy").astype(np.float32) for k in ("region-rows", "region-rows-fp32"))
+        a, b = (
+            np.load(out_dir / f"{k}-features.npy").astype(np.float32)
+            for k in ("region-rows", "region-rows-fp32")
+        )
         cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         same_tags = float(np.mean([x == y for x, y in zip(ours["tags"], fp32["tags"], strict=True)]))
         same_labels = float(np.mean([x == y for x, y in zip(ours["labels"], fp32["labels"], strict=True)]))
