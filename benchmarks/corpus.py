@@ -440,9 +440,8 @@ def _stage_regions(stage: str, spec: dict[str, Any], out_dir: Path) -> dict[str,
             # what the report compares between the two precisions: per image its tags and detector labels,
             # and the whole image's feature
             regions = rows.tables["regions"]
-            np.save(
-                out_dir / f"{stage}-features.npy", np.stack([r["feature"] for r in regions if r["region_idx"] == 0])
-            )
+            whole = np.stack([r["feature"] for r in regions if r["region_idx"] == 0])
+            np.save(out_dir / f"{stage}-features.npy", whole)
             labels = [
                 [r["label"] for r in regions if r["image_id"] == i and r["region_idx"] > 0] for i in ids
             ]
