@@ -21,8 +21,8 @@ vocabulary, collated (tokenised, MLM-masked) by the project's ``PretrainCollator
     .venv/bin/python benchmarks/step.py --steps 50 --threads 1 --json
     .venv/bin/python benchmarks/step.py --optimizers loop,foreach,fused --zero-grad zeros   # lockstep
 
-Anyone holding the official ALBEF code can time it on the same shape and batch size and compare samples/s
-and peak RSS; the harness prints what to match (shape, parameter count, batch, threads).
+``official_step.py`` times the official ALBEF code (from a checkout) at the same shape on the same batches
+and alternates it with this script, variant by variant.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlp_core.corpus.images import DecodeLimits
 from vlp_core.corpus.text import TextLimits
 from vlp_core.paths import REPO_ROOT, data_dir
+from vlp_core.precision import Precision
 
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -78,7 +79,7 @@ class EmbedConfig(_Strict):
     batch_size: int = 128
     shard_size: int = Field(2048, description="sentences per shard")
     device: str | None = None  # None: CUDA when available
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="autocast of the sentence encoder (vlp_core.precision): auto = bf16 on a GPU or a CPU "
         "with native bf16, else fp32; the queries of the retrieve stage use the same",
@@ -114,7 +115,7 @@ class RegionsConfig(_Strict):
     batch_size: int = 16
     shard_size: int = Field(256, description="images per shard")
     device: str | None = None
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="autocast of the detector's and backbone's convolutions (vlp_core.precision): auto = "
         "bf16 on a GPU or a CPU with native bf16, else fp32; heads, softmax and RoIAlign stay float32",
