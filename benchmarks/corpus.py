@@ -26,10 +26,11 @@ wall-clock over the work only, with the stage's CPU seconds (all threads) beside
                 plain timm forward of the same backbone (``load_efficientnet_lite0()``, then ``model(x)``) at
                 the same size in batches of 16, PIL bicubic resize + normalisation included. Ours:
                 ``RegionFeatureExtractor().extract`` (default: a 384 px region pass plus a 224 px tag pass),
-                the same with ``tag_image_size=None`` (one pass), ``build_detector("yolov3-tiny").detect``,
-                and the whole ``vlp_core.corpus.stages.region_rows`` stage (JPEG decode, detection, features,
-                rows), once over all images and once as two halves at the same time on a 2-thread pool (how
-                the corpus flow's thread runner runs shards).
+                the same with ``tag_image_size=None`` (one pass), and the whole
+                ``vlp_core.corpus.stages.region_rows`` stage (JPEG decode, detection, features, rows): at the
+                corpus default precision and at fp32 (their tags, labels and features compared), and as two
+                halves at the same time on a 2-thread pool (how the corpus flow's thread runner runs
+                shards). Plain detection: the YOLOv3-tiny network in fp32 with NCHW weights.
 
     .venv/bin/python benchmarks/corpus.py                                  # all three, default sizes
     .venv/bin/python benchmarks/corpus.py --vectors 100000 --sentences 300 --images 16
