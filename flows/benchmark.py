@@ -37,6 +37,7 @@ from flows.train import run_training
 from stores.catalog import build_catalog
 from stores.schemas import schema_of
 from stores.shards import ShardStore, stable_hash
+from vlp_core.data.task_build import TASK_REGIONS_STAGE
 from vlp_core.data.task_data import dataset_version
 from vlp_core.paths import DataLayout
 from vlp_core.recipes import RECIPES
@@ -98,17 +99,60 @@ VARIANTS = ("", "text-only", "image-only", "single", "regions")
 NO_VLP = {"": ("albef", "albef_tiny"), "regions": ("mu-vla", "mu_vla_tiny")}
 
 
+#: the names :func:`_hash` asks its ``version`` for besides task datasets: the corpus, a task's regions
+CORPUS_DATA, REGIONS_OF = "<corpus>", "<regions>:"
+#: the corpus stages whose committed shards make the corpus a run reads (the index is keyed by embed)
+CORPUS_STAGES = ("ingest", "regions", "embed", "retrieve", "phrases", "links", "gallery", "ground")
+
+
+def corpus_version(store: ShardStore) -> str:
+    """A fingerprint of the committed corpus: the keys of every corpus stage's shards. A shard's key hashes
+    its units, parameters and code, so a rebuild that gives the same shards keeps it, and new data, other
+    settings (e.g. ``regions.precision``) or new code change it. Reads file names only."""
+    keys = sorted(
+        f"{stage}/{m.parent.name}/{m.stem}"
+        for stage in CORPUS_STAGES
+        for m in store.manifest_dir(stage, "_").parent.glob("*/*.json")
+    )
+    return stable_hash(keys)
+
+
+def task_regions_version(store: ShardStore, task: str) -> str:
+    """A fingerprint of a task's regions (stage ``task_regions``): its shards' keys."""
+    return stable_hash(sorted(m.stem for m in store.manifest_dir(TASK_REGIONS_STAGE, task).glob("*.json")))
+
+
 def _hash(cfg: TrainConfig, version: Callable[[str], str]) -> str:
     """The run's key: its resolved config (less where it runs, how often it logs and which implementation of
-    the same optimiser update it uses) and the version of every task dataset it reads
-    (:func:`~vlp_core.data.task_data.dataset_version`), so rebuilt or re-imported task data re-keys the runs
-    on it."""
+    the same optimiser update it uses) and the version of every store dataset it reads: each task dataset
+    (:func:`~vlp_core.data.task_data.dataset_version`), the corpus when the task reads it
+    (:func:`corpus_version`: pre-training, easy-VQA, clip-art retrieval) and a task's regions for a region
+    backbone (:func:`task_regions_version`). So rebuilt or re-imported data re-keys the runs on it, and the
+    cells fine-tuned from a pre-training run follow it (their ``init_from`` names its key)."""
     d = cfg.model_dump(mode="json")
     for k in ("name", "run_dir", "data_dir", "log_every", "checkpoint_every"):  # where, not what
         d.pop(k, None)
     d["optim"].pop("impl", None)  # how the same update is computed, not what
-    data = {name: version(name) for name in sorted(set(cfg.task.store_datasets()))}
+    names = set(cfg.task.store_datasets())
+    if _reads_regions(cfg):
+        names |= {REGIONS_OF + n for n in cfg.task.store_datasets()}
+    if cfg.task.reads_corpus():
+        names.add(CORPUS_DATA)
+    data = {name: version(name) for name in sorted(names)}
     return stable_hash(d, data) if data else stable_hash(d)
+
+
+def store_versions(store: ShardStore) -> Callable[[str], str]:
+    """The ``version`` of :func:`_hash` over ``store``, each name computed once."""
+
+    def version(name: str) -> str:
+        if name == CORPUS_DATA:
+            return corpus_version(store)
+        if name.startswith(REGIONS_OF):
+            return task_regions_version(store, name[len(REGIONS_OF) :])
+        return dataset_version(store, name)
+
+    return functools.cache(version)
 
 
 def _config(
@@ -156,7 +200,7 @@ def plan_chains(
     data of ``layout``, with run dirs under ``runs/bench``."""
     runs = layout.runs / "bench"
     store = ShardStore(layout.store)
-    version = functools.cache(lambda name: dataset_version(store, name))
+    version = store_versions(store)
     unknown = sorted(set(tasks) - set(BENCH_TASKS))
     if unknown:
         raise ValueError(f"unknown benchmark tasks {unknown}; known: {sorted(BENCH_TASKS)}")
@@ -393,6 +437,17 @@ def benchmark(
     store.ensure_tables()
     store.collect_garbage()
     chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout)
+    with_regions = sorted({
+        d for ch in chains for c in ch.cells if _reads_regions(c.config)
+        for d in c.config.task.store_datasets()
+    })  # fmt: skip
+    if with_regions:
+        # Region methods read the regions of the task images, and their cells are keyed by them: make what
+        # is missing or stale first (a no-op when they are up to date), then key the cells.
+        from flows.build_tasks import task_regions
+
+        task_regions(with_regions, data_dir=str(layout.root))
+        chains = plan_chains(methods, seeds, tasks, budget, pairs_mode, layout)
     units = [(c.key, c.config_hash) for ch in chains for c in ch.cells]
     source = budget_source(budget)
     todo = plan_cells(store, source, units)
@@ -401,14 +456,6 @@ def benchmark(
         len(units) - len(todo), len(todo), sum(any(c.key in todo for c in ch.cells) for ch in chains),
     )  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(threads)  # each training child process
-    with_regions = sorted({
-        d for ch in chains for c in ch.cells if c.key in todo and _reads_regions(c.config)
-        for d in c.config.task.store_datasets()
-    })  # fmt: skip
-    if with_regions:  # region methods read the regions of the task images: make what is missing first
-        from flows.build_tasks import task_regions
-
-        task_regions(with_regions, data_dir=str(layout.root))
     # breadth first: every method's seed 0, then seed 1, ... (a stopped benchmark leaves whole seeds)
     pending = sorted(
         (ch for ch in chains if any(c.key in todo for c in ch.cells)), key=lambda ch: ch.cells[0].seed

@@ -201,7 +201,7 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
     only run the tasks that have such a baseline; ``unit:single`` trains the UniT backbone per task at the
     multitask run's steps per task; a run's key includes the version of the task data it reads; a bad
     spec, or tasks not built, is an error before anything runs."""
-    from flows.benchmark import _hash, _reads_regions, plan_chains
+    from flows.benchmark import CORPUS_DATA, REGIONS_OF, _hash, _reads_regions, plan_chains
 
     budget = {"pretrain_steps": 5, "finetune_steps": 3, "batch_size": 4}
     tasks = ["vqa", "nlvr2", "refcoco", "retrieval", "clipart-zs"]
@@ -221,15 +221,44 @@ def test_benchmark_plans_variants_and_refuses_unknown_methods(tasks_corpus, data
     assert len({c.config_hash for ch in chains for c in ch.cells}) == 2 + 2 + 1 + 3 + 3 + 0  # shared: one
     nlvr2 = full.cells[1].config
     assert _hash(nlvr2, lambda name: "v1") != _hash(nlvr2, lambda name: "v2")  # rebuilt data: a new key
-    assert _hash(full.pretrain, lambda name: "v1") == _hash(full.pretrain, lambda name: "v2")  # no task data
+
+    def changed(*names):  # a version function under which only ``names`` (or names starting so) changed
+        return lambda name: "v2" if any(name.startswith(n) for n in names) else "v1"
+
+    assert _hash(full.pretrain, changed()) == _hash(full.pretrain, changed("scene-"))  # no task data
+    assert _hash(full.pretrain, changed()) != _hash(full.pretrain, changed(CORPUS_DATA))  # a rebuilt corpus
+    assert _hash(nlvr2, changed()) == _hash(nlvr2, changed(CORPUS_DATA, REGIONS_OF))  # reads neither
+    vqa = full.cells[0].config
+    assert vqa.task.kind == "vqa" and _hash(vqa, changed()) != _hash(vqa, changed(CORPUS_DATA))
     (regions,) = plan_chains(["none:regions"], [7], ["nlvr2", "clipart-zs"], budget, "known", tasks_corpus)
     assert regions.pretrain is None and [c.config.method for c in regions.cells] == ["mu-vla", "mu-vla"]
     assert [_reads_regions(c.config) for c in regions.cells] == [True, True]
+    on_task = regions.cells[0].config  # nlvr2 on its task regions
+    assert _hash(on_task, changed()) != _hash(on_task, changed(REGIONS_OF))
     for bad in ("albef:single", "unit:text-only-x", "nope", "albef:regions"):
         with pytest.raises(ValueError):
             plan_chains([bad], [0], tasks, budget, "known", tasks_corpus)
     with pytest.raises(ValueError, match="build-tasks"):
         plan_chains(["albef"], [0], ["nlvr2"], budget, "known", data_dir)
+
+
+def test_corpus_and_task_regions_versions_follow_their_committed_shards(tmp_path):
+    """The corpus a run reads is fingerprinted by its stages' shard keys (file names only): a new corpus shard
+    changes it, a task's shard does not; a task's regions likewise by the task_regions shards of that task."""
+    from flows.benchmark import corpus_version, task_regions_version
+    from vlp_core.data.task_build import TASK_REGIONS_STAGE
+
+    store = ShardStore(tmp_path)
+    store.ensure_tables()
+    empty, regions = corpus_version(store), task_regions_version(store, "scene-refs")
+    store.commit("tasks", "scene-refs", "s1", "sig", [("a", "1")], {})
+    assert corpus_version(store) == empty
+    store.commit("regions", "corpus", "r1", "sig", [("img", "1")], {})
+    grown = corpus_version(store)
+    assert grown != empty and corpus_version(store) == grown
+    store.commit(TASK_REGIONS_STAGE, "scene-refs", "t1", "sig", [("img", "1")], {})
+    assert task_regions_version(store, "scene-refs") != regions
+    assert task_regions_version(store, "scene-pairs") == regions and corpus_version(store) == grown
 
 
 def test_a_benchmark_of_some_cells_keeps_the_others_and_reruns_only_changed_ones(tmp_path):

@@ -33,6 +33,11 @@ class TaskConfig(BaseModel):
         default."""
         return []
 
+    def reads_corpus(self) -> bool:
+        """Whether the task reads the corpus store (its pairs, images or regions), so that a rebuilt corpus
+        re-keys benchmark runs of it; by default, a task that reads no task dataset does."""
+        return not self.store_datasets()
+
 
 @dataclass
 class _Entry:

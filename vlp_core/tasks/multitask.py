@@ -67,6 +67,11 @@ class MultiTask(TaskConfig):
             for d in task_config({**fields, "kind": kind}).store_datasets()
         ]
 
+    def reads_corpus(self) -> bool:
+        return any(
+            task_config({**fields, "kind": kind}).reads_corpus() for kind, fields in self.tasks.items()
+        )
+
     def weights(self) -> dict[str, float]:
         raw = {k: (self.ratios.get(k, 0.0) if self.ratios else 1.0) for k in self.tasks}
         total = sum(raw.values())

@@ -76,6 +76,11 @@ class VQATask(TaskConfig):
                     raise ValueError(f"vqa_v2 needs task.{split}questions and task.{split}images")
         return self
 
+    def reads_corpus(self) -> bool:
+        """Yes, whatever the backbone: with ``store_images_only`` its questions are those whose image is in
+        the corpus store, and region backbones read the store's regions of its images."""
+        return True
+
 
 def _records(task: VQATask, split: str):
     """``(records, image loader, image path of a record's image)`` of a split."""
