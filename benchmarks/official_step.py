@@ -155,8 +155,9 @@ def official_stage(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child(args: list[str], cwd: Path) -> str:
-    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+def _child(args: list[str], cwd: Path, threads: int) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # as step.py runs its child
+    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"child {' '.join(args[:2])} failed:\n{r.stderr[-4000:]}")
     return r.stdout
@@ -217,7 +218,9 @@ def main() -> None:
                     "threads": args.threads,
                     "pythonpath": [p for p in args.pythonpath.split(os.pathsep) if p],
                 }
-                off = json.loads(_child([__file__, "--stage", json.dumps(spec)], REPO_ROOT).splitlines()[-1])
+                off = json.loads(
+                    _child([__file__, "--stage", json.dumps(spec)], REPO_ROOT, args.threads).splitlines()[-1]
+                )
                 out = _child(
                     [
                         str(REPO_ROOT / "benchmarks" / "step.py"),
@@ -234,6 +237,7 @@ def main() -> None:
                         "--json",
                     ],
                     REPO_ROOT,
+                    args.threads,
                 )
                 ours = json.loads(out[out.index("[") :])[0]
                 for side, res in (("official", off), ("ours", ours)):

@@ -109,17 +109,12 @@ def corpus_version(store: ShardStore) -> str:
     """A fingerprint of the committed corpus: the keys of every corpus stage's shards. A shard's key hashes
     its units, parameters and code, so a rebuild that gives the same shards keeps it, and new data, other
     settings (e.g. ``regions.precision``) or new code change it. Reads file names only."""
-    keys = sorted(
-        f"{stage}/{m.parent.name}/{m.stem}"
-        for stage in CORPUS_STAGES
-        for m in store.manifest_dir(stage, "_").parent.glob("*/*.json")
-    )
-    return stable_hash(keys)
+    return stable_hash({stage: store.shard_keys(stage) for stage in CORPUS_STAGES})
 
 
 def task_regions_version(store: ShardStore, task: str) -> str:
     """A fingerprint of a task's regions (stage ``task_regions``): its shards' keys."""
-    return stable_hash(sorted(m.stem for m in store.manifest_dir(TASK_REGIONS_STAGE, task).glob("*.json")))
+    return stable_hash(store.shard_keys(TASK_REGIONS_STAGE, task))
 
 
 def _hash(cfg: TrainConfig, version: Callable[[str], str]) -> str:

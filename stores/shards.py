@@ -176,6 +176,14 @@ class ShardStore:
     def manifests(self, stage: str, source: str) -> dict[str, Manifest]:
         return dict(self.iter_manifests(stage, source))
 
+    def shard_keys(self, stage: str, source: str | None = None) -> list[str]:
+        """The committed shards of ``stage``: of one ``source`` as keys, or of every source as ``source/key``;
+        sorted, from the manifest file names alone (nothing is read)."""
+        if source is not None:
+            return sorted(p.stem for p in self.manifest_dir(stage, source).glob("*.json"))
+        root = self.root / "_manifests" / _safe(stage)
+        return sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.json"))
+
     def iter_manifests(self, stage: str, source: str, units: bool = True) -> Iterator[tuple[str, Manifest]]:
         """``(shard key, manifest)`` of every committed shard, sorted, read one at a time; ``units=False``
         leaves each manifest's unit list empty (its outputs and stats are what a reader over a corpus-sized

@@ -58,3 +58,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def autocast(dtype: torch.dtype | None, device: str | torch.device):
+    """``torch.autocast`` in ``dtype`` on ``device``'s type, or a disabled one for ``dtype`` None (fp32; it
+    also switches off an autocast the caller may have opened)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

@@ -107,6 +107,8 @@ class SentenceEncoder:
         """
         import torch
 
+        from vlp_core.precision import autocast
+
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -121,9 +123,7 @@ class SentenceEncoder:
         try:
             for lo in range(0, len(texts), self.batch_size):
                 idx = order[lo : lo + self.batch_size]
-                with torch.autocast(
-                    torch.device(self.device).type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
-                ):
+                with autocast(self._amp_dtype, self.device):
                     emb = self.model.encode(
                         [texts[i] for i in idx],
                         batch_size=len(idx),

@@ -27,7 +27,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from vlp_core.precision import autocast_dtype, resolve
+from vlp_core.precision import autocast, autocast_dtype, resolve
 from vlp_core.vision.darknet import DarknetYolo
 
 # Darknet / PASCAL VOC spellings → the words a caption would use. COCO's own names ("motorbike", "sofa",
@@ -175,9 +175,7 @@ class YoloV3TinyDetector:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size]
-                with torch.autocast(
-                    self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
-                ):
+                with autocast(self._amp_dtype, self.device):
                     rows = self.model(self._blob(chunk)).float().cpu()
                 out.extend(self._postprocess(r, *im.size) for r, im in zip(rows, chunk, strict=True))
         return out

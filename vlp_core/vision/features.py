@@ -20,7 +20,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from vlp_core.precision import autocast_dtype, resolve
+from vlp_core.precision import autocast, autocast_dtype, resolve
 from vlp_core.vision.detect import normalise_label
 
 
@@ -205,7 +205,7 @@ class RegionFeatureExtractor:
         self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]
     ) -> list[ImageFeatures]:
         separate_tags = self.tag_image_size not in (None, self.image_size)
-        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
+        with autocast(self._amp_dtype, self.device):
             fmap = self.backbone.forward_features(self._pixels(images, self.image_size))
             tag_map = (
                 self.backbone.forward_features(self._pixels(images, self.tag_image_size))
