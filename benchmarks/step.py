@@ -28,6 +28,7 @@ and alternates it with this script, variant by variant.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -113,25 +114,46 @@ def make_batches(
 PHASES = ("zero_grad", "forward", "backward", "optimizer")
 
 
+def set_packed_(model: Any, packed: bool) -> None:
+    """Packed or padded tokens in every text and fusion stack of ``model`` (momentum twins included)."""
+    from vlp_core.models.fusion import FusionEncoder
+    from vlp_core.models.text import TextEncoder
+
+    for module in model.modules():
+        if isinstance(module, TextEncoder | FusionEncoder):
+            module.packed = packed
+
+
+def set_fast_dropout_(model: Any, fast: bool) -> None:
+    """The project's CPU dropout masks (``fast``) or torch's in every :class:`Dropout` of ``model``."""
+    from vlp_core.models.layers import Dropout
+
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.fast = fast
+
+
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
-    """One variant; with several ``optimizers`` one model per optimiser (same initial weights), stepped in
-    lockstep (step i of each in turn), so every optimiser sees the same machine load."""
+    """One variant; with several ``optimizers`` (top layers, token layouts) one model per combination (same
+    initial weights), stepped in lockstep (step i of each in turn), so all see the same machine load."""
     import torch
 
     from vlp_core.train.trainer import ADAMW_IMPL
 
     torch.set_num_threads(spec["threads"])
     runs = []
-    for top in spec["top_layer"]:
-        for name in spec["optimizers"]:
-            torch.manual_seed(0)
-            model = build_model(spec["shape"], spec["variant"]).train()
-            model.backbone.prune_top_layer = top == "pruned"
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL[name])
-            runs.append({"name": name, "top": top, "model": model, "opt": opt,
-                         "params": sum(p.numel() for p in params), "phases": {k: [] for k in PHASES},
-                         "times": []})  # fmt: skip
+    combos = itertools.product(spec["top_layer"], spec["tokens"], spec["dropout"], spec["optimizers"])
+    for top, tokens, drop, name in combos:
+        torch.manual_seed(0)
+        model = build_model(spec["shape"], spec["variant"]).train()
+        model.backbone.prune_top_layer = top == "pruned"
+        set_packed_(model, tokens == "packed")
+        set_fast_dropout_(model, drop == "fast")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, **ADAMW_IMPL[name])
+        runs.append({"name": name, "top": top, "tokens": tokens, "dropout": drop, "model": model, "opt": opt,
+                     "params": sum(p.numel() for p in params), "phases": {k: [] for k in PHASES},
+                     "times": []})  # fmt: skip
     batches = make_batches(runs[0]["model"], spec["batches"], spec["batch_size"])
     set_to_none = spec["zero_grad"] == "none"
     for i in range(spec["warmup"] + spec["steps"]):
@@ -172,7 +194,8 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     for r in runs:
         med = statistics.median(r["times"])
         rows.append({
-            "variant": spec["variant"], "optimizer": r["name"], "top_layer": r["top"],
+            "variant": spec["variant"], "optimizer": r["name"], "top_layer": r["top"], "tokens": r["tokens"],
+            "dropout": r["dropout"],
             "zero_grad": spec["zero_grad"],
             "params": r["params"], "step_ms": 1000 * med, "samples_per_s": spec["batch_size"] / med,
             "phase_ms": {k: statistics.median(v) for k, v in r["phases"].items()},
@@ -220,6 +243,18 @@ def main() -> None:
         "for ITM, the masked tokens for MLM; the trainer's way) and/or full (every position, as the "
         "reference code does); both = lockstep before/after",
     )
+    ap.add_argument(
+        "--tokens",
+        default="packed",
+        help="comma-separated: packed (the text and fusion layers run on the real tokens only; the "
+        "trainer's way) and/or padded (on the padded batch, as the reference code does); both = lockstep",
+    )
+    ap.add_argument(
+        "--dropout",
+        default="fast",
+        help="comma-separated: fast (the project's CPU dropout masks, the trainer's way) and/or torch "
+        "(torch's bernoulli_ masks); both = lockstep",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -234,7 +269,8 @@ def main() -> None:
             "shape": args.shape, "variant": variant, "batch_size": args.batch_size, "batches": args.batches,
             "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
             "optimizers": args.optimizers.split(","), "zero_grad": args.zero_grad, "profile": args.profile,
-            "top_layer": args.top_layer.split(","),
+            "top_layer": args.top_layer.split(","), "tokens": args.tokens.split(","),
+            "dropout": args.dropout.split(","),
         }  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(
@@ -259,15 +295,17 @@ def main() -> None:
     lines = []
     for r in rows:
         base = first.setdefault(r["variant"], r["samples_per_s"])
-        lines.append([r["variant"], r["optimizer"], r["top_layer"], f"{r['params']:,}", f"{r['step_ms']:.1f}",
+        lines.append([r["variant"], r["optimizer"], r["top_layer"], r["tokens"], r["dropout"],
+                      f"{r['params']:,}", f"{r['step_ms']:.1f}",
                       *(f"{r['phase_ms'][k]:.1f}" for k in PHASES), f"{r['samples_per_s']:.2f}",
                       f"{r['samples_per_s'] / base:.2f}x", f"{r['peak_rss_mb']:.0f}",
                       f"{r['loss']:.3f}"])  # fmt: skip
     print(fmt_table(
-        ["variant", "AdamW", "top layer", "trainable params", "step ms", *(f"{k} ms" for k in PHASES),
-         "samples/s", "vs first", "peak RSS MB", "last loss"], lines,
+        ["variant", "AdamW", "top layer", "tokens", "dropout", "trainable params", "step ms",
+         *(f"{k} ms" for k in PHASES), "samples/s", "vs first", "peak RSS MB", "last loss"], lines,
     ))  # fmt: skip
-    if len(args.optimizers.split(",")) * len(args.top_layer.split(",")) > 1:
+    lockstep = (args.optimizers, args.top_layer, args.tokens, args.dropout)
+    if any("," in a for a in lockstep):
         print("  the rows of one variant ran in lockstep in one process; the peak RSS is that process's")
     for variant, table in profiles:
         print(f"\n== profile: {variant}, 3 steps ({args.optimizers.split(',')[0]} AdamW)\n{table}")

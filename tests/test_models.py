@@ -34,7 +34,15 @@ from vlp_core.models import (
     read_bert_checkpoint,
     vqa_loss,
 )
-from vlp_core.models.layers import TransformerLayer, key_mask, selected_rows, take_rows
+from vlp_core.models.layers import (
+    Dropout,
+    Packing,
+    TransformerLayer,
+    gather_rows,
+    key_mask,
+    selected_rows,
+    take_rows,
+)
 from vlp_core.objectives import mask_tokens, mlm_token_ids
 from vlp_core.recipes import ALBEF, RECIPES, ALBEFConfig, build_recipe
 from vlp_core.tasks import load_backbone_weights_
@@ -148,7 +156,12 @@ def test_minilm_matches_hf_bert_and_splits_into_fusion(tokenizer):
         ours = enc(b["input_ids"], b["attention_mask"])
         ref = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
     assert ours.shape == ref.shape == (2, b["input_ids"].shape[1], 384)
-    assert (ours - ref).abs().max().item() < 1e-4
+    real = b["attention_mask"].bool()
+    assert (ours[real] - ref[real]).abs().max().item() < 1e-4
+    assert not real.all() and torch.all(ours[~real] == 0)  # padding is not computed (packed tokens)
+    enc.packed = False
+    with torch.no_grad():
+        assert (enc(b["input_ids"], b["attention_mask"]) - ref).abs().max().item() < 1e-4
 
     # 3 text + 3 fusion: fusion layer j starts as MiniLM layer 3 + j; only cross-attention and the MLM
     # transform (MiniLM has no MLM head) are fresh; the decoder is tied to the word embeddings.
@@ -211,15 +224,51 @@ def test_top_layer_at_chosen_rows_equals_the_full_layer_there():
         torch.testing.assert_close(fusion(x, mask, image, rows=cls)[:, 0], fusion(x, mask, image)[:, 0])
 
 
-@pytest.mark.parametrize("shape", ["cls-1-fusion-layer", "mean-2-fusion-layers"])
+def test_packing_round_trip_gather_and_filler_rows():
+    """The packed layout holds the real tokens in row-major order, then filler rows (copies of token 0, up to
+    the rounded row count) that unpacking drops and that get no gradient; a gathered packing lays out the
+    tokens of the chosen sequences, repeats included."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    packing = Packing(mask)
+    assert (packing.tokens, packing.rows) == (9, 15)  # 9 tokens rounded up to the step of 8, capped at 3 * 5
+    packed = packing.pack(x)
+    assert packed.shape == (15, 4)
+    torch.testing.assert_close(packed[:9], x[mask.bool()])
+    torch.testing.assert_close(packed[9:], x[0, 0].expand(6, 4))
+    torch.testing.assert_close(packing.unpack(packed), x * mask[..., None])
+    weight = torch.randn(3, 5, 4)
+    (packing.unpack(packed) * weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight * mask[..., None])  # the fillers add nothing to token 0
+    rows = torch.tensor([2, 0, 2])
+    gathered = packing.gather(rows)
+    assert gathered.tokens == 11 and gathered.rows == 15
+    laid_out = gather_rows(packed, gathered.source_index)
+    torch.testing.assert_close(laid_out[:11], x[rows][mask[rows].bool()])
+    assert Packing(torch.ones(2, 3)).dense and Packing(torch.ones(2, 3)).rows == 6
+
+
+@pytest.mark.parametrize("shape", ["cls-1-fusion-layer", "mean-2-fusion-layers", "vit-retrieval"])
 def test_albef_pruned_top_layer_gives_the_full_computation(model, batch, shape):
     """ALBEF computes its top fusion layer only at [CLS] (ITM, ``cls`` pooling) and at the masked tokens
-    (MLM), the momentum text encoder's top layer at [CLS] (ITC), and in its ITM pass the first fusion
-    layer's self-attention once per text and the cross-attention keys and values once per image: losses,
-    metrics, gradients, momentum weights and queues equal the full computation (every position of every
-    row, as the reference code does)."""
+    (MLM), the momentum text encoder's top layer at [CLS] (ITC), in its ITM pass the first fusion layer's
+    self-attention once per text and the cross-attention keys and values once per image, and every text and
+    fusion layer on the real tokens only (packed): losses, metrics, gradients, momentum weights and queues
+    equal the full computation (every position of every row, padding included, as the reference code
+    does). Without MLM (retrieval) the momentum ViT's last block runs at [CLS] alone, as ITC reads."""
     if shape == "cls-1-fusion-layer":
         pruned = copy.deepcopy(model)
+    elif shape == "vit-retrieval":
+        torch.manual_seed(0)
+        backbone = tiny_backbone()
+        backbone.vision = VisionConfig(
+            kind="vit", image_size=64, width=48, depth=2, num_heads=3, pretrained=False
+        )
+        backbone.fusion = FusionConfig(num_layers=2)
+        config = tiny_config()
+        config.mlm_weight = 0.0
+        pruned = tiny_albef(config, backbone).train()
     else:
         torch.manual_seed(0)
         backbone = tiny_backbone()
@@ -227,6 +276,10 @@ def test_albef_pruned_top_layer_gives_the_full_computation(model, batch, shape):
         pruned = tiny_albef(backbone=backbone).train()
     full = copy.deepcopy(pruned)
     full.backbone.prune_top_layer = False
+    padded = [m for m in full.modules() if isinstance(m, TextEncoder | FusionEncoder)]
+    assert len(padded) == 4 and all(m.packed for m in padded)  # online and momentum text and fusion stacks
+    for m in padded:
+        m.packed = False
     outs = []
     for m in (pruned, full):
         out = m(batch, step=3, steps_per_epoch=10)
@@ -241,6 +294,46 @@ def test_albef_pruned_top_layer_gives_the_full_computation(model, batch, shape):
         torch.testing.assert_close(g, grads[name], rtol=1e-4, atol=1e-6, msg=name)
     for (name, a), b in zip(pruned.state_dict().items(), full.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_global_only_image_pass_equals_the_full_pass_at_cls():
+    """``global_only`` gives the full pass's [CLS] token: a ViT computes its last block there alone (a block
+    of a kind it does not know runs whole), the CNN grid its global token alone."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    vit = ViTEncoder(
+        VisionConfig(kind="vit", image_size=64, width=48, depth=2, num_heads=3, pretrained=False)
+    )
+    cnn = CNNGridEncoder(VisionConfig(kind="cnn", image_size=64, width=32, pretrained=False))
+    for enc in (vit.eval(), cnn.eval()):
+        with torch.no_grad():
+            cls = enc(x, global_only=True)
+            assert cls.shape == (2, 1, enc.width)
+            torch.testing.assert_close(cls, enc(x)[:, :1], rtol=1e-5, atol=1e-5)
+    vit.backbone.blocks[-1].attn.q_norm = torch.nn.LayerNorm(16)  # not the plain block: run whole
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x, global_only=True), vit(x)[:, :1])
+
+
+def test_dropout_masks_keep_their_rate_and_expectation():
+    """The CPU dropout keeps each element with probability ``1 - p`` (to 2^-16), scales the kept ones so the
+    expectation is the input, follows the seed, and is torch's dropout in eval mode, at p = 0 and when off."""
+    x = torch.ones(400_000)
+    drop = Dropout(0.1).train()
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 5 standard errors
+    assert torch.all(y[kept] == 65536 / round(0.9 * 65536))
+    assert abs(y.mean().item() - 1.0) < 0.004
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    drop.train().fast = False
+    torch.manual_seed(3)
+    off = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(off, F.dropout(x, 0.1, training=True))
 
 
 def test_cnn_frozen_bn_sample_alone_equals_sample_in_batch():

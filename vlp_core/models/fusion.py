@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlp_core.models.layers import Route, TransformerLayer, init_bert_
+from vlp_core.models.layers import Packing, Route, TransformerLayer, init_bert_
 from vlp_core.models.layers import key_mask as _key_mask
 from vlp_core.models.text import MLMHead, TextConfig, TextEncoder, load_part_, read_bert_checkpoint
 
@@ -71,6 +71,8 @@ class FusionEncoder(nn.Module):
             for _ in range(fusion.num_layers)
         )
         init_bert_(self)
+        #: run the layers on the real text tokens only (see :attr:`TextEncoder.packed`).
+        self.packed = True
 
     @property
     def width(self) -> int:
@@ -112,8 +114,8 @@ class FusionEncoder(nn.Module):
         image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``text_hidden`` (B, L, H), ``text_mask`` (B, L), ``image_tokens`` (B, N, Dv), ``image_mask``
-        optional (B, N) -> ``(B, L, H)``; with ``rows`` (B, Q) int64 the top layer computes only those
-        positions -> ``(B, Q, H)`` (see :meth:`TransformerLayer.forward`).
+        optional (B, N) -> ``(B, L, H)``, 0 at the padding when :attr:`packed`; with ``rows`` (B, Q) int64 the
+        top layer computes only those positions -> ``(B, Q, H)`` (see :meth:`TransformerLayer.forward`).
 
         ``text_index`` / ``image_index`` (B',) int64: the texts / images given are distinct ones and output
         row ``i`` fuses ``text_hidden[text_index[i]]`` with ``image_tokens[image_index[i]]`` (B' rows): the
@@ -123,13 +125,25 @@ class FusionEncoder(nn.Module):
         img_mask = _key_mask(image_mask)
         x = text_hidden
         top = len(self.layers) - 1
+        # Packed tokens below the top layer, and in it too unless it computes ``rows`` only.
+        packing = Packing(text_mask) if self.packed and len(self.layers) > (rows is not None) else None
+        if packing is not None:
+            x = packing.pack(x)
         for i, layer in enumerate(self.layers):
             gather = text_index if i == 0 else None
+            if packing is not None and (i < top or rows is None):
+                to = packing.gather(gather) if gather is not None else None
+                x = layer(x, None, image_tokens, img_mask, gather=to, image_index=image_index,
+                          packing=packing)  # fmt: skip
+                packing = to if to is not None else packing
+                continue
+            if packing is not None:  # the top layer at ``rows`` reads the padded layout
+                x, key_mask, packing = packing.unpack(x), packing.key_mask, None
             x = layer(x, key_mask, image_tokens, img_mask, rows=rows if i == top else None, gather=gather,
                       image_index=image_index)  # fmt: skip
             if gather is not None and key_mask is not None:
-                key_mask = key_mask[gather]
-        return x
+                key_mask = key_mask.index_select(0, gather)
+        return packing.unpack(x) if packing is not None else x
 
 
 def build_text_stack(

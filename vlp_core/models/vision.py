@@ -11,6 +11,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -156,14 +157,19 @@ class CNNGridEncoder(VisionEncoder):
         pixel_values: torch.Tensor,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        *,
+        global_only: bool = False,
     ) -> torch.Tensor:
-        """``(B, 3, S, S)`` normalised -> ``(B, 1 + g*g, width)``.
+        """``(B, 3, S, S)`` normalised -> ``(B, 1 + g*g, width)``; with ``global_only`` the global token
+        alone, ``(B, 1, width)`` (what an ITC-only pass reads).
 
         ``mask`` (B, g*g) bool replaces those cells' projected features by ``mask_token`` (width,) before
         the positions are added. The CNN still sees the whole image, so a masked cell's neighbours carry
         some of its content through their receptive fields: masked modelling on a CNN grid is easier than on
         ViT patches (documented; the ViT path masks patch embeddings, which leaks nothing)."""
         cells = self.grid_features(pixel_values)
+        if global_only:
+            return self.norm(self.proj(cells.mean(dim=1, keepdim=True)) + self.pos_embed[:, :1])
         tokens = self.proj(torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1))
         if mask is not None:
             masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
@@ -224,18 +230,57 @@ class ViTEncoder(VisionEncoder):
         pixel_values: torch.Tensor,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        *,
+        global_only: bool = False,
     ) -> torch.Tensor:
         """``(B, 3, S, S)`` normalised -> ``(B, 1 + (S/patch)^2, width)``.
 
         ``mask`` (B, N) bool replaces those patch embeddings by ``mask_token`` (width,) before the position
-        embeddings and the blocks (BEiT / FLAVA masked image modelling)."""
-        if mask is None:
-            return self.backbone.forward_features(pixel_values)
+        embeddings and the blocks (BEiT / FLAVA masked image modelling). ``global_only``: the [CLS] token
+        alone, ``(B, 1, width)``, its value the full pass's: the last block computes its attention query,
+        output and MLP at [CLS] only (keys and values at every token), three quarters of that block's work
+        saved (an ITC-only pass, e.g. ALBEF's momentum image features in retrieval fine-tuning)."""
         m = self.backbone
+        if mask is None and not global_only:
+            return m.forward_features(pixel_values)
         x = m.patch_embed(pixel_values)
-        x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
+        if mask is not None:
+            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
         x = m.norm_pre(m.patch_drop(m._pos_embed(x)))
-        return m.norm(m.blocks(x))
+        if not global_only:
+            return m.norm(m.blocks(x))
+        return m.norm(_block_at_cls(m.blocks[-1], m.blocks[:-1](x)))
+
+
+def _block_at_cls(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm ViT ``Block`` over ``x`` (B, N, C), computed at position 0 only -> (B, 1, C): the query, the
+    attention output and the MLP at [CLS], keys and values at every token. A block with parts this does not
+    know (gated, normalised or fused-kernel attention variants, attention masks) runs whole and is sliced."""
+    from timm.models.vision_transformer import Attention, Block
+
+    attn = getattr(block, "attn", None)
+    norms = ("q_norm", "k_norm", "norm")
+    plain = (
+        type(block) is Block
+        and type(attn) is Attention
+        and getattr(attn, "gate", None) is None
+        and all(isinstance(getattr(attn, a, nn.Identity()), nn.Identity) for a in norms)
+    )
+    if not plain:
+        return block(x)[:, :1]
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    width = h * d
+    y = block.norm1(x)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(y[:, :1], weight[:width], None if bias is None else bias[:width])
+    kv = F.linear(y, weight[width:], None if bias is None else bias[width:])
+    q = q.view(b, 1, h, d).transpose(1, 2)
+    k, v = kv.view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    p = attn.attn_drop.p if attn.training else 0.0
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(b, 1, width)
+    x = x[:, :1] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 class PatchEmbedding(nn.Module):

@@ -220,6 +220,7 @@ def hard_negative_itm(
             (every image and every text appears in three rows of the pass).
     """
     from vlp_core.distributed import gather_features, rank
+    from vlp_core.models.layers import gather_rows
     from vlp_core.objectives.reduce import global_mean_scale
 
     temp = temperature.detach() if torch.is_tensor(temperature) else temperature
@@ -262,10 +263,12 @@ def hard_negative_itm(
     if shared:
         images, image_index = torch.unique(pairs.image_idx, return_inverse=True)
         texts, text_index = torch.unique(pairs.text_idx, return_inverse=True)
-        logits = score(images_all[images], texts_all[texts], masks_all[texts], image_index=image_index,
+        logits = score(gather_rows(images_all, images), gather_rows(texts_all, texts),
+                       masks_all.index_select(0, texts), image_index=image_index,
                        text_index=text_index)  # fmt: skip
     else:
-        logits = score(images_all[pairs.image_idx], texts_all[pairs.text_idx], masks_all[pairs.text_idx])
+        im, tx = pairs.image_idx, pairs.text_idx
+        logits = score(gather_rows(images_all, im), gather_rows(texts_all, tx), masks_all.index_select(0, tx))
     valid = pairs.labels != -100
     loss = itm_loss(logits, pairs.labels)
     if negatives == "global":

@@ -329,7 +329,10 @@ class ALBEF(Recipe):
             if self.training:
                 self.momentum_update()
             m = self.momentum
-            image_tokens_m = m["vision_encoder"](pixel_values)
+            # the momentum image tokens feed the MLM distillation; ITC alone reads their [CLS]
+            tokens_read = cfg.mlm_weight > 0 and alpha > 0
+            global_only = not tokens_read and self.backbone.prune_top_layer
+            image_tokens_m = m["vision_encoder"](pixel_values, global_only=global_only)
             image_feat_m = F.normalize(m["vision_proj"](image_tokens_m[:, 0]), dim=-1)
             # only the pooled vector is read: the top layer at [CLS] alone when that is the pooling
             rows = self.backbone.top_rows(attention_mask.shape[0], attention_mask.device)

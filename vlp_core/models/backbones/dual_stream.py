@@ -79,7 +79,8 @@ class DualStreamBackbone(Backbone):
         self.init_report = fresh
         self.width = self.text_width = text.width
         self.image_width = self.vision_encoder.width
-        #: compute the top layer only at the positions a loss reads (:meth:`fuse_pooled`, :meth:`top_rows`);
+        #: compute the top layer only at the positions a loss reads (:meth:`fuse_pooled`, :meth:`top_rows`,
+        #: and a recipe's image pass that reads [CLS] alone: ``vision_encoder(..., global_only=True)``);
         #: ``False`` computes every position, as the reference code does: the same values up to float
         #: rounding, more work (kept for the step benchmark's before/after and the equality tests).
         self.prune_top_layer = True

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp_core.models.layers.dropout import Dropout
+
 __all__ = ["FeedForward", "ModalityExperts", "Route"]
 
 #: How a :class:`ModalityExperts` block routes tokens: an expert name for the whole sequence, or a ``(B, L)``
@@ -30,7 +32,7 @@ class FeedForward(nn.Module):
         self.fc_in = nn.Linear(hidden, intermediate)
         self.fc_out = nn.Linear(intermediate, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlp_core.models.layers.attention import MultiHeadAttention
+from vlp_core.models.layers.attention import MultiHeadAttention, gather_rows
+from vlp_core.models.layers.dropout import Dropout
 from vlp_core.models.layers.feedforward import FeedForward, ModalityExperts, Route
+from vlp_core.models.layers.packing import Packing
 
 __all__ = ["TransformerLayer", "init_bert_", "selected_rows", "take_rows"]
 
@@ -88,22 +90,22 @@ class TransformerLayer(nn.Module):
             )
         else:
             self.ffn = FeedForward(hidden, intermediate, eps, dropout, norm_first=norm_first)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
-    def _attend(self, attn, norm, x, context, mask, rows=None, context_index=None):
+    def _attend(self, attn, norm, x, context, mask, rows=None, context_index=None, packing=None):
         """One attention sub-block; ``context`` ``None`` = self-attention over ``x``. With ``rows`` (self-
         attention only), only those positions of ``x`` are queries (and outputs); every position is a key.
-        ``context_index``: see :meth:`MultiHeadAttention.forward`."""
+        ``context_index``, ``packing``: see :meth:`MultiHeadAttention.forward`."""
         if self.norm_first:
             h = norm(x)
             keys = h if context is None else context
             if rows is not None:
                 x, h = take_rows(x, rows), take_rows(h, rows)
-            return x + self.drop(attn(h, keys, mask, context_index))
+            return x + self.drop(attn(h, keys, mask, context_index, packing=packing))
         keys = x if context is None else context
         if rows is not None:
             x = take_rows(x, rows)
-        return norm(x + self.drop(attn(x, keys, mask, context_index)))
+        return norm(x + self.drop(attn(x, keys, mask, context_index, packing=packing)))
 
     def forward(
         self,
@@ -114,8 +116,9 @@ class TransformerLayer(nn.Module):
         route: Route = None,
         *,
         rows: torch.Tensor | None = None,
-        gather: torch.Tensor | None = None,
+        gather: torch.Tensor | Packing | None = None,
         image_index: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """``x`` (B, L, hidden), ``key_mask`` (B, 1, 1, L) bool, ``image`` (B, N, Dv) -> (B, L, hidden).
 
@@ -129,21 +132,36 @@ class TransformerLayer(nn.Module):
         self-attention (which depends on the text alone, so it runs once per distinct text); with ``rows``,
         those index the gathered rows. ``image_index`` (B',) int64 says ``image`` (and ``image_mask``) hold
         distinct images and row ``i`` cross-attends to ``image[image_index[i]]`` (its keys and values are
-        computed once per image)."""
+        computed once per image).
+
+        Packed tokens (:mod:`~vlp_core.models.layers.packing`): with ``packing``, ``x`` is (T, hidden), the
+        real tokens of ``packing``'s sequences (``key_mask`` is then unused), and so is the result; every
+        per-token operation runs on those alone. ``gather`` is then the :meth:`Packing.gather` of the rows to
+        score (the self-attention runs on ``packing``, then the tokens are laid out as ``gather`` says, and
+        the result is packed by ``gather``). ``rows`` need the padded layout."""
         if rows is not None and torch.is_tensor(route):
             raise ValueError("rows need a route by name, not per token")
-        if gather is None:
+        if packing is not None:
+            if rows is not None or torch.is_tensor(route):
+                raise ValueError("packed tokens take neither rows nor a per-token route")
+            x = self._attend(self.self_attn, self.self_attn_norm, x, None, None, packing=packing)
+            if gather is not None:
+                if not isinstance(gather, Packing) or gather.source_index is None:
+                    raise TypeError("packed tokens are gathered by a Packing.gather of their packing")
+                x, packing = gather_rows(x, gather.source_index), gather
+        elif gather is None:
             x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask, rows)
         else:
-            x = self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask)[gather]
+            x = gather_rows(self._attend(self.self_attn, self.self_attn_norm, x, None, key_mask), gather)
             if rows is not None:
                 x = take_rows(x, rows)
         if self.cross_attn is not None:
             if image is None:
                 raise ValueError("a fusion layer needs image tokens")
             if image_mask is not None and image_index is not None:
-                image_mask = image_mask[image_index]
+                image_mask = image_mask.index_select(0, image_index)
             x = self._attend(
-                self.cross_attn, self.cross_attn_norm, x, image, image_mask, context_index=image_index
-            )
+                self.cross_attn, self.cross_attn_norm, x, image, image_mask, context_index=image_index,
+                packing=packing,
+            )  # fmt: skip
         return self.ffn(x, route)
