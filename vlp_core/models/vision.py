@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp_core.models.layers.attention import attention
+
 __all__ = [
     "CNNGridEncoder",
     "PatchEmbedding",
@@ -277,8 +279,7 @@ def _block_at_cls(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kv = F.linear(y, weight[width:], None if bias is None else bias[width:])
     q = q.view(b, 1, h, d).transpose(1, 2)
     k, v = kv.view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-    p = attn.attn_drop.p if attn.training else 0.0
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(b, 1, width)
+    y = attention(q, k, v, None, attn.attn_drop).transpose(1, 2).reshape(b, 1, width)
     x = x[:, :1] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 

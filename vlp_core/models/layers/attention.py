@@ -1,4 +1,4 @@
-"""Multi-head attention (self or cross) over ``F.scaled_dot_product_attention``."""
+"""Multi-head attention (self or cross): the product by :func:`attention`, SDPA or the plain product."""
 
 from __future__ import annotations
 
@@ -14,7 +14,28 @@ from vlp_core.models.layers.dropout import Dropout
 if TYPE_CHECKING:
     from vlp_core.models.layers.packing import Packing
 
-__all__ = ["MultiHeadAttention", "gather_rows", "key_mask"]
+__all__ = ["MultiHeadAttention", "attention", "gather_rows", "key_mask"]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, drop: Dropout | None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over heads: ``q`` (B, h, Lq, d), ``k``, ``v`` (B, h, Lk, d),
+    ``key_mask`` broadcastable to (B, h, Lq, Lk) bool (True = attend), ``drop`` the dropout module on the
+    probabilities (a :class:`Dropout` or ``nn.Dropout``; ``None`` or not training: none).
+
+    ``F.scaled_dot_product_attention``, except with the fast dropout on a CPU (:class:`Dropout`): then the
+    plain product (two matrix multiplies and a softmax, as SDPA's math path), so that the mask is drawn the
+    fast way. There a query row whose keys are all masked gets the mean of the values, not NaN.
+    (The plain product without dropout was measured too: no faster than SDPA in a reference-shape step.)"""
+    p = drop.p if drop is not None and drop.training else 0.0
+    if not (p > 0 and getattr(drop, "fast", False) and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1)
+    return drop(probs) @ v
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -39,8 +60,7 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(kv_width, hidden)
         self.v = nn.Linear(kv_width, hidden)
         self.out = nn.Linear(hidden, hidden)
-        #: dropout on the attention probabilities; with :attr:`Dropout.fast` on a CPU in training the
-        #: product is computed here (as SDPA's own math path does) so that the mask is the cheap one.
+        #: dropout on the attention probabilities (see :func:`attention`).
         self.attn_drop = Dropout(dropout)
 
     def forward(
@@ -74,14 +94,5 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, lq, h, d).transpose(1, 2)
         k = k.view(b, lk, h, d).transpose(1, 2)
         v = v.view(b, lk, h, d).transpose(1, 2)
-        drop = self.attn_drop
-        if self.training and drop.p > 0 and drop.fast and q.device.type == "cpu":
-            scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, float("-inf"))
-            y = drop(scores.softmax(dim=-1)) @ v
-        else:
-            p = drop.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, lq, hidden)
+        y = attention(q, k, v, key_mask, self.attn_drop).transpose(1, 2).reshape(b, lq, hidden)
         return self.out(y if packing is None else packing.pack(y))
