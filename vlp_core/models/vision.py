@@ -256,8 +256,8 @@ class ViTEncoder(VisionEncoder):
 
 def _block_at_cls(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A timm ViT ``Block`` over ``x`` (B, N, C), computed at position 0 only -> (B, 1, C): the query, the
-    attention output and the MLP at [CLS], keys and values at every token. A block with parts this does not
-    know (gated, normalised or fused-kernel attention variants, attention masks) runs whole and is sliced."""
+    attention output and the MLP at [CLS], keys and values at every token. Another block type, or attention
+    with parts this does not know (a gate, query / key / output norms), runs whole and is sliced."""
     from timm.models.vision_transformer import Attention, Block
 
     attn = getattr(block, "attn", None)

@@ -1,6 +1,7 @@
 """Transformer building blocks shared by every backbone.
 
-- :mod:`.attention`: multi-head attention (self or cross) over ``F.scaled_dot_product_attention``.
+- :mod:`.attention`: multi-head attention (self or cross) over ``F.scaled_dot_product_attention`` (the plain
+  product where the CPU dropout draws the probabilities' mask), and :func:`gather_rows`.
 - :mod:`.dropout`: :class:`Dropout`, torch's dropout with masks drawn for a fifth of the cost on CPUs.
 - :mod:`.feedforward`: the feed-forward sub-block (:class:`FeedForward`) and modality experts
   (:class:`ModalityExperts`, VLMo's V / L / VL FFNs routed by a token-type mask).
