@@ -20,6 +20,7 @@ vocabulary, collated (tokenised, MLM-masked) by the project's ``PretrainCollator
     .venv/bin/python benchmarks/step.py
     .venv/bin/python benchmarks/step.py --steps 50 --threads 1 --json
     .venv/bin/python benchmarks/step.py --optimizers loop,foreach,fused --zero-grad zeros   # lockstep
+    .venv/bin/python benchmarks/step.py --tokens padded,packed --dropout torch,fast      # lockstep
 
 ``official_step.py`` times the official ALBEF code (from a checkout) at the same shape on the same batches
 and alternates it with this script, variant by variant.
@@ -134,8 +135,9 @@ def set_fast_dropout_(model: Any, fast: bool) -> None:
 
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
-    """One variant; with several ``optimizers`` (top layers, token layouts) one model per combination (same
-    initial weights), stepped in lockstep (step i of each in turn), so all see the same machine load."""
+    """One variant; with several optimisers, top layers, token layouts or dropouts, one model per
+    combination (same initial weights), stepped in lockstep (step i of each in turn), so all see the same
+    machine load."""
     import torch
 
     from vlp_core.train.trainer import ADAMW_IMPL

@@ -122,6 +122,7 @@ def test_region_stream_loads_minilm_and_places_patch_tokens():
     from vlp_core.language.embed import default_model_path
     from vlp_core.models import read_bert_checkpoint
 
+    torch.manual_seed(0)  # the inputs below are random; without a seed they depend on the tests run before
     b = RegionStreamBackbone(RegionStreamConfig.preset("tiny"))
     state = read_bert_checkpoint(default_model_path())
     assert torch.equal(b.text_embeddings.word.weight, state["embeddings.word.weight"])
@@ -135,7 +136,8 @@ def test_region_stream_loads_minilm_and_places_patch_tokens():
     r = b.region_embed
     pos = b.text_embeddings.position.weight[2]
     expected = r.norm(r.project(patches.feats[0, 2], patches.boxes[0, 2]) + r.modality + pos)
-    assert torch.allclose(mixed[0, 2], expected, atol=1e-6)
+    # the batch's projection and the single vector's round differently; LayerNorm scales that up
+    torch.testing.assert_close(mixed[0, 2], expected, rtol=1e-5, atol=1e-5)
     # Tags carry their region's box; the joint pass masks padded regions out.
     boxed = b.embed_words(ids, boxes=torch.rand(1, 4, 5), box_mask=torch.tensor([[0, 1, 1, 0]]))
     assert torch.equal(boxed[:, [0, 3]], plain[:, [0, 3]]) and not torch.equal(boxed[:, 1], plain[:, 1])

@@ -27,7 +27,7 @@ from torch import nn
 
 from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_backbone
 from vlp_core.models.fusion import SingleStreamEncoder
-from vlp_core.models.layers import init_bert_
+from vlp_core.models.layers import Dropout, init_bert_
 from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
 from vlp_core.models.text import (
     MLMHead,
@@ -136,7 +136,7 @@ class RegionEmbedding(nn.Module):
         self.box_norm = nn.LayerNorm(hidden, eps=eps)
         self.modality = nn.Parameter(torch.zeros(hidden))
         self.norm = nn.LayerNorm(hidden, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         init_bert_(self)
         nn.init.normal_(self.modality, std=0.02)
 
