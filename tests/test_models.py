@@ -323,7 +323,7 @@ def test_dropout_masks_keep_their_rate_and_expectation():
     torch.manual_seed(3)
     y = drop(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 5 standard errors
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # over 6 standard errors
     assert torch.all(y[kept] == 65536 / round(0.9 * 65536))
     assert abs(y.mean().item() - 1.0) < 0.004
     torch.manual_seed(3)
