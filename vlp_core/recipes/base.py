@@ -12,6 +12,7 @@ from torch import nn
 
 from vlp_core.models.backbones import Backbone, BackboneConfig, OnBackbone, build_backbone
 from vlp_core.models.configs import PresetConfig
+from vlp_core.models.layers import gather_rows
 from vlp_core.models.outputs import ImageFeatures, ModelOutput, PairFeatures, TextFeatures
 from vlp_core.objectives import match_probability
 
@@ -192,9 +193,9 @@ class Recipe(OnBackbone, nn.Module):
         """The pooled vector of :meth:`fuse_inputs` (what ITM reads), the inputs gathered by the indices
         first; a recipe whose backbone computes it for less overrides this."""
         if image_index is not None:
-            image_in = image_in.index_select(0, image_index)
+            image_in = gather_rows(image_in, image_index)
         if text_index is not None:
-            text_in, text_mask = text_in.index_select(0, text_index), text_mask.index_select(0, text_index)
+            text_in, text_mask = gather_rows(text_in, text_index), text_mask.index_select(0, text_index)
         return self.fuse_inputs(image_in, text_in, text_mask).pooled
 
     def itm_scores(
