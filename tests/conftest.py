@@ -4,11 +4,14 @@ fetches it)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -55,6 +58,34 @@ def link_fetched(root: Path) -> None:
 
 
 link_fetched(_SESSION_DIR / "data")
+
+
+def submit_deployment(name: str, params: dict, threads: int | None = None) -> UUID:
+    """Create a flow run of deployment ``name`` on the session's server, without waiting for it. Runs
+    submitted together run at once on the worker: ``threads`` pins each one's torch threads
+    (``OMP_NUM_THREADS`` through the process work pool's job variables), so that several at once do not
+    oversubscribe the cores; ``None``: the flow's default (the cores over the training processes)."""
+    from prefect.deployments import run_deployment
+
+    job = {"env": {"OMP_NUM_THREADS": str(threads)}} if threads else None
+    return run_deployment(name, parameters=params, timeout=0, job_variables=job).id
+
+
+def await_flow_runs(ids: list[UUID], timeout: float = 900) -> dict[UUID, str]:
+    """Wait until every flow run in ``ids`` is final -> {id: its state type, e.g. ``"COMPLETED"``}."""
+    from prefect.client.orchestration import get_client
+
+    async def wait() -> dict[UUID, str]:
+        async with get_client() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                runs = [await client.read_flow_run(i) for i in ids]
+                if all(r.state is not None and r.state.is_final() for r in runs):
+                    return {r.id: r.state.type.value for r in runs}
+                await asyncio.sleep(1)
+        raise TimeoutError(f"flow runs {ids} did not finish in {timeout}s")
+
+    return asyncio.run(wait())
 
 
 def needs_real_data(path: Path) -> None:

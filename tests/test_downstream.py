@@ -5,16 +5,15 @@ session's server and worker (submitted together, awaited together), zero-shot re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from uuid import UUID
 
 import pyarrow as pa
 import pytest
+from conftest import await_flow_runs, submit_deployment
 
 from stores.catalog import build_catalog, connect
 from stores.schemas import schema_of
@@ -71,25 +70,6 @@ def test_bundled_tasks_are_in_the_catalog_with_chance_levels(tasks_corpus):
     assert {t for t, *_ in images} == {t for t, _ in summary} and all(m > 100 for *_, m in images)
 
 
-def _submit(name: str, params: dict) -> UUID:
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(name, parameters=params, timeout=0)
-    return run.id
-
-
-async def _wait(ids: list[UUID], timeout: float = 900) -> dict[UUID, str]:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        for _ in range(int(timeout)):
-            runs = [await client.read_flow_run(i) for i in ids]
-            if all(r.state is not None and r.state.is_final() for r in runs):
-                return {r.id: r.state.type.value for r in runs}
-            await asyncio.sleep(1)
-    raise TimeoutError(f"flow runs {ids} did not finish in {timeout}s")
-
-
 def test_finetune_deployment_of_every_task_from_an_albef_run(tasks_corpus):
     root = tasks_corpus.root
     pre = root / "runs" / "train" / "pretrain-albef-tasks"
@@ -103,8 +83,8 @@ def test_finetune_deployment_of_every_task_from_an_albef_run(tasks_corpus):
     ids = []
     for name, extra, _, _ in DEPLOYMENTS:
         params = {"init_from": str(pre), "overrides": {**TINY, "data_dir": str(root)}, **extra}
-        ids.append(_submit(name, params))
-    states = asyncio.run(_wait(ids))
+        ids.append(submit_deployment(name, params, threads=1))
+    states = await_flow_runs(ids)
     assert all(s == "COMPLETED" for s in states.values()), states
     for name, _, run_name, key in DEPLOYMENTS:
         ev = json.loads((root / "runs" / "train" / run_name / "eval.json").read_text())
@@ -160,8 +140,8 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     root = tasks_corpus.root
     over = {**TINY, "max_steps": 6, "checkpoint_every": 6, "data_dir": str(root),
             "task.tasks.vqa.eval_questions": 8}  # fmt: skip
-    ids = [_submit("pretrain/unit", {"overrides": over})]
-    assert asyncio.run(_wait(ids)) == {ids[0]: "COMPLETED"}
+    ids = [submit_deployment("pretrain/unit", {"overrides": over})]
+    assert await_flow_runs(ids) == {ids[0]: "COMPLETED"}
     run = root / "runs" / "train" / "multitask-unit-run"
     ev = json.loads((run / "eval.json").read_text())
     assert {

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import await_flow_runs, submit_deployment
 
 from vlp_core.paths import REPO_ROOT, DataLayout
 from vlp_core.train.metrics import read_metrics
@@ -245,11 +246,14 @@ def test_vlmo_language_stage_freezes_attention_and_vision_experts(train_corpus, 
 
 
 def test_pretrain_deployment_of_every_method_then_vqa(prefect_stack, train_corpus):
-    """pretrain/<method> of every method but ALBEF (its own test) through the local server and worker, then
-    finetune/vqa from each run by its method (the backbone is the run's own; region backbones read the
-    easy-VQA images' regions from the store)."""
+    """pretrain/<method> of every method but ALBEF (its own test, through the CLI) through the local server
+    and worker, then finetune/vqa from each run by its method (the backbone is the run's own; region
+    backbones read the easy-VQA images' regions from the store), and µ-VLA's single-stream retrieval. Two
+    waves of runs submitted together (every pre-training, then every fine-tuning), one torch thread each."""
     root = train_corpus.root
-    for method in ("vlmo", "flava", *REGION_METHODS):
+    methods = ("vlmo", "flava", *REGION_METHODS)
+    pretrain = {}
+    for method in methods:
         pre = {
             "data_dir": str(root), "batch_size": 8, "max_steps": 3, "checkpoint_every": 3, "log_every": 1,
             "data.num_workers": 0, "eval.retrieval_images": 12, "eval.itm_rerank_k": 3,
@@ -257,36 +261,36 @@ def test_pretrain_deployment_of_every_method_then_vqa(prefect_stack, train_corpu
         }  # fmt: skip
         pre = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in pre.items()}
         pre["data_dir"] = str(root)
-        done = _prefect(
-            "deployment", "run", f"pretrain/{method}", "--params", json.dumps({"overrides": pre}), "--watch"
-        )
-        assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        pretrain[submit_deployment(f"pretrain/{method}", {"overrides": pre}, threads=1)] = method
+    states = await_flow_runs(list(pretrain))
+    assert {pretrain[i]: s for i, s in states.items()} == dict.fromkeys(methods, "COMPLETED")
+    for method in methods:
         run_dir = root / "runs" / "train" / f"pretrain-{method}-run"
         ev = json.loads((run_dir / "eval.json").read_text())
-        assert ev["n_images"] == 12 and 0.0 <= ev["itc_i2t_r10"] <= 1.0
-        assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+        assert ev["n_images"] == 12 and 0.0 <= ev["itc_i2t_r10"] <= 1.0, method
+        assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3], method
+
+    finetune = {}
+    for method in methods:
         vqa = {"data_dir": str(root), "batch_size": 8, "max_steps": 2, "checkpoint_every": 2,
                "data.num_workers": 0, "data.limit": 32, "task.eval_questions": 24}  # fmt: skip
         params = {"method": method, "overrides": vqa}
-        done = _prefect("deployment", "run", "finetune/vqa", "--params", json.dumps(params), "--watch")
-        assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        finetune[submit_deployment("finetune/vqa", params, threads=1)] = f"vqa-{method}"
+    # a single-stream model's retrieval: ITM on every held-out pair
+    ret = {"data_dir": str(root), "batch_size": 8, "max_steps": 2, "checkpoint_every": 2,
+           "data.num_workers": 0, "eval.retrieval_images": 12}  # fmt: skip
+    params = {"method": "mu-vla", "overrides": ret}
+    finetune[submit_deployment("finetune/retrieval", params, threads=1)] = "retrieval-mu-vla"
+    states = await_flow_runs(list(finetune))
+    assert {finetune[i]: s for i, s in states.items()} == dict.fromkeys(finetune.values(), "COMPLETED")
+    for method in methods:
         out = root / "runs" / "train" / f"vqa-{method}-easy-vqa"
         ev = json.loads((out / "eval.json").read_text())
-        assert ev["n_questions"] == 24 and 0.0 <= ev["vqa_accuracy"] <= 1.0
+        assert ev["n_questions"] == 24 and 0.0 <= ev["vqa_accuracy"] <= 1.0, method
         saved = yaml.safe_load((out / "config.yaml").read_text())
         assert saved["method"] == method and saved["init_from"].endswith(f"pretrain-{method}-run")
-        if method == "mu-vla":  # a single-stream model's retrieval: ITM on every held-out pair
-            ret = {"data_dir": str(root), "batch_size": 8, "max_steps": 2, "checkpoint_every": 2,
-                   "data.num_workers": 0, "eval.retrieval_images": 12}  # fmt: skip
-            params = {"method": method, "overrides": ret}
-            done = _prefect(
-                "deployment", "run", "finetune/retrieval", "--params", json.dumps(params), "--watch"
-            )
-            assert done.returncode == 0 and "Completed" in done.stdout, (
-                done.stdout[-3000:] + done.stderr[-2000:]
-            )
-            ev = json.loads((root / "runs" / "train" / "retrieval-mu-vla-clipart" / "eval.json").read_text())
-            assert ev["n_images"] == 12 and "itm_t2i_r1" in ev
+    ev = json.loads((root / "runs" / "train" / "retrieval-mu-vla-clipart" / "eval.json").read_text())
+    assert ev["n_images"] == 12 and "itm_t2i_r1" in ev
 
 
 def test_vlmixer_text_only_ablation_standardises_regions_like_the_full_recipe(train_corpus):
