@@ -32,11 +32,25 @@ async def _family(client: Any, root: UUID) -> set[UUID]:
     return ids
 
 
+def _drain_seconds() -> float:
+    """How long to keep reading logs after the run is final: the flow process sends its last batch of log
+    lines when it exits, which can be after its final state reached the server (one batch interval, plus a
+    second for the exit)."""
+    from prefect.settings import PREFECT_LOGGING_TO_API_BATCH_INTERVAL
+
+    return float(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value()) + 1.0
+
+
 async def follow_flow_run(
-    flow_run_id: UUID, emit: Callable[[str], None], poll_s: float = 1.0, timeout_s: float | None = None
+    flow_run_id: UUID,
+    emit: Callable[[str], None],
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+    drain_s: float | None = None,
 ) -> str:
-    """Print (``emit``) every log line of the flow run and its subflows in time order until it is final;
-    returns its final state type (``COMPLETED``, ``FAILED``, ``CRASHED``, ``CANCELLED``)."""
+    """Print (``emit``) every log line of the flow run and its subflows in time order until it is final, and
+    for ``drain_s`` more (default: the log batch interval + 1 s; the last lines can reach the server after
+    the final state); returns its final state type (``COMPLETED``, ``FAILED``, ``CRASHED``, ``CANCELLED``)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
     from prefect.client.schemas.sorting import LogSort
@@ -44,10 +58,13 @@ async def follow_flow_run(
     seen: set[UUID] = set()
     since = None
     t0 = time.monotonic()
+    drain_s = _drain_seconds() if drain_s is None else drain_s
+    final_at: float | None = None
     async with get_client() as client:
         while True:
             run = await client.read_flow_run(flow_run_id)
-            final = run.state is not None and run.state.is_final()
+            if final_at is None and run.state is not None and run.state.is_final():
+                final_at = time.monotonic()
             ids = await _family(client, flow_run_id)
             flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(ids)))
             if since is not None:  # logs reach the server in batches: look back a while, skip those seen
@@ -66,7 +83,7 @@ async def follow_flow_run(
                 if len(logs) < 200:
                     break
                 offset += len(logs)
-            if final:
+            if final_at is not None and time.monotonic() - final_at >= drain_s:
                 return run.state.type.value
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout_s:.0f}s")
