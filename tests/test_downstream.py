@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import await_flow_runs, submit_deployment
+from conftest import await_flow_runs, failed_run_logs, submit_deployment
 
 from stores.catalog import build_catalog, connect
 from stores.schemas import schema_of
@@ -85,7 +85,7 @@ def test_finetune_deployment_of_every_task_from_an_albef_run(tasks_corpus):
         params = {"init_from": str(pre), "overrides": {**TINY, "data_dir": str(root)}, **extra}
         ids.append(submit_deployment(name, params, threads=1))
     states = await_flow_runs(ids)
-    assert all(s == "COMPLETED" for s in states.values()), states
+    assert all(s == "COMPLETED" for s in states.values()), failed_run_logs(states)
     for name, _, run_name, key in DEPLOYMENTS:
         ev = json.loads((root / "runs" / "train" / run_name / "eval.json").read_text())
         assert key in ev and all(0.0 <= v <= 1.0 for k, v in ev.items() if "accuracy" in k or "_r" in k), name
@@ -141,7 +141,8 @@ def test_unit_multitask_deployment_then_the_benchmark_fills_only_missing_cells(t
     over = {**TINY, "max_steps": 6, "checkpoint_every": 6, "data_dir": str(root),
             "task.tasks.vqa.eval_questions": 8}  # fmt: skip
     ids = [submit_deployment("pretrain/unit", {"overrides": over})]
-    assert await_flow_runs(ids) == {ids[0]: "COMPLETED"}
+    states = await_flow_runs(ids)
+    assert states == {ids[0]: "COMPLETED"}, failed_run_logs(states)
     run = root / "runs" / "train" / "multitask-unit-run"
     ev = json.loads((run / "eval.json").read_text())
     assert {

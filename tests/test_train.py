@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import await_flow_runs, submit_deployment
+from conftest import await_flow_runs, failed_run_logs, submit_deployment
 
 from vlp_core.paths import REPO_ROOT, DataLayout
 from vlp_core.train.metrics import read_metrics
@@ -263,7 +263,9 @@ def test_pretrain_deployment_of_every_method_then_vqa(prefect_stack, train_corpu
         pre["data_dir"] = str(root)
         pretrain[submit_deployment(f"pretrain/{method}", {"overrides": pre}, threads=1)] = method
     states = await_flow_runs(list(pretrain))
-    assert {pretrain[i]: s for i, s in states.items()} == dict.fromkeys(methods, "COMPLETED")
+    assert {pretrain[i]: s for i, s in states.items()} == dict.fromkeys(methods, "COMPLETED"), (
+        failed_run_logs(states)
+    )
     for method in methods:
         run_dir = root / "runs" / "train" / f"pretrain-{method}-run"
         ev = json.loads((run_dir / "eval.json").read_text())
@@ -282,7 +284,9 @@ def test_pretrain_deployment_of_every_method_then_vqa(prefect_stack, train_corpu
     params = {"method": "mu-vla", "overrides": ret}
     finetune[submit_deployment("finetune/retrieval", params, threads=1)] = "retrieval-mu-vla"
     states = await_flow_runs(list(finetune))
-    assert {finetune[i]: s for i, s in states.items()} == dict.fromkeys(finetune.values(), "COMPLETED")
+    assert {finetune[i]: s for i, s in states.items()} == dict.fromkeys(finetune.values(), "COMPLETED"), (
+        failed_run_logs(states)
+    )
     for method in methods:
         out = root / "runs" / "train" / f"vqa-{method}-easy-vqa"
         ev = json.loads((out / "eval.json").read_text())
