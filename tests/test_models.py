@@ -296,6 +296,43 @@ def test_albef_pruned_top_layer_gives_the_full_computation(model, batch, shape):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_itm_rows_of_one_text_share_its_self_attention_only_when_configured(share):
+    """``FusionConfig.share_text_self_attention``: the ITM pass's rows of one text reuse the first fusion
+    layer's self-attention, dropout masks included (shared), or gather the text to each row first and draw
+    their own masks, as the official code's separate passes do. Only that sublayer's attention dropout is
+    on here, and one text meets one image three times: the rows are equal exactly when shared. With no
+    dropout both ways give the same rows."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    backbone.fusion = FusionConfig(num_layers=2, share_text_self_attention=share)
+    model = tiny_albef(backbone=backbone).train()
+    b = model.backbone
+    for m in b.fusion.modules():
+        if isinstance(m, Dropout | torch.nn.Dropout):
+            m.p = 0.0
+    b.fusion.layers[0].self_attn.attn_drop.p = 0.5
+    torch.manual_seed(1)
+    image = torch.randn(1, 5, b.vision_encoder.width)
+    text = torch.randn(1, 6, b.fusion.text_config.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    three = torch.zeros(3, dtype=torch.long)
+    pooled = b.fuse_pooled(image, text, mask, image_index=three, text_index=three)
+    assert pooled.shape == (3, b.fusion.text_config.hidden_size)
+    same = torch.equal(pooled[0], pooled[1]) and torch.equal(pooled[1], pooled[2])
+    assert same == share
+    if not share:
+        assert not torch.allclose(pooled[0], pooled[1])
+    b.fusion.layers[0].self_attn.attn_drop.p = 0.0
+    other = copy.deepcopy(b)
+    other.fusion.config.share_text_self_attention = not share
+    for m in (b, other):
+        torch.testing.assert_close(
+            m.fuse_pooled(image, text, mask, image_index=three, text_index=three),
+            b.fuse_states(image.expand(3, -1, -1), text.expand(3, -1, -1), mask.expand(3, -1)).pooled,
+        )
+
+
 def test_global_only_image_pass_equals_the_full_pass_at_cls():
     """``global_only`` gives the full pass's [CLS] token: a ViT computes its last block there alone (a block
     of a kind it does not know runs whole), the CNN grid its global token alone."""

@@ -35,10 +35,19 @@ class FusionConfig:
         init_from_pretrained: initialise fusion layer ``j``'s self-attention and feed-forward from checkpoint
             layer ``text.num_layers + j`` when the text checkpoint has it (MiniLM split 3 + 3 uses all six
             layers); layers beyond the checkpoint and all cross-attention weights are fresh.
+        share_text_self_attention: in a pass that scores each text against several images (ITM's positives
+            and hard negatives: every text three times), run the first fusion layer's self-attention once per
+            distinct text and reuse it for each of that text's rows, since it reads the text alone. Without
+            dropout the rows equal separate passes exactly. With dropout (training) a text's rows share that
+            sublayer's dropout masks, where the official ALBEF's positive and negative passes draw their own:
+            each row's expectation is the same, the noise across a text's rows is correlated. ``False``
+            gathers the texts to the rows first (independent masks, as the official code), at the cost of
+            that sublayer for the two negative rows of every text.
     """
 
     num_layers: int = 6
     init_from_pretrained: bool = True
+    share_text_self_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
