@@ -31,6 +31,7 @@ def test_deployment_run_through_cli_completes(prefect_stack, real):
 
     nightly = _run(*prefect, "deployment", "inspect", "build-corpus/nightly")
     assert "0 2 * * *" in nightly.stdout and "vlp-local" in nightly.stdout
+    assert "'active': False" in nightly.stdout  # registered paused: a fresh server starts no build unasked
 
     run = _run(sys.executable, "-m", "flows.cli", "run", "build-corpus/smoke", timeout=280)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
