@@ -128,8 +128,9 @@ class FusionEncoder(nn.Module):
 
         ``text_index`` / ``image_index`` (B',) int64: the texts / images given are distinct ones and output
         row ``i`` fuses ``text_hidden[text_index[i]]`` with ``image_tokens[image_index[i]]`` (B' rows): the
-        first layer's self-attention runs once per text and the cross-attention keys and values once per
-        image, as a pass scoring each of them several times (ITM) needs."""
+        first layer's self-attention runs once per text (dropout masks included: a text's rows share them, see
+        :class:`FusionConfig`'s ``share_text_self_attention``) and the cross-attention keys and values once
+        per image, as a pass scoring each of them several times (ITM) needs."""
         key_mask = _key_mask(text_mask)
         img_mask = _key_mask(image_mask)
         x = text_hidden

@@ -129,10 +129,10 @@ class TransformerLayer(nn.Module):
 
         Shared inputs (an ITM pass scores each text and each image several times): ``gather`` (B',) int64
         says ``x`` and ``key_mask`` hold distinct sequences and the layer's rows are ``x[gather]`` after the
-        self-attention (which depends on the text alone, so it runs once per distinct text); with ``rows``,
-        those index the gathered rows. ``image_index`` (B',) int64 says ``image`` (and ``image_mask``) hold
-        distinct images and row ``i`` cross-attends to ``image[image_index[i]]`` (its keys and values are
-        computed once per image).
+        self-attention (which depends on the text alone, so it runs once per distinct text, its dropout masks
+        shared by that text's rows); with ``rows``, those index the gathered rows. ``image_index`` (B',)
+        int64 says ``image`` (and ``image_mask``) hold distinct images and row ``i`` cross-attends to
+        ``image[image_index[i]]`` (its keys and values are computed once per image).
 
         Packed tokens (:mod:`~vlp_core.models.layers.packing`): with ``packing``, ``x`` is (T, hidden), the
         real tokens of ``packing``'s sequences (``key_mask`` is then unused), and so is the result; every
