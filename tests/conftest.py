@@ -90,19 +90,17 @@ def await_flow_runs(ids: list[UUID], timeout: float = 900) -> dict[UUID, str]:
 
 def failed_run_logs(states: dict[UUID, str], lines: int = 40) -> str:
     """The last ``lines`` log lines of every run in ``states`` (from :func:`await_flow_runs`) that did not
-    complete: what a failed assertion on submitted runs shows (the training child's output is logged)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
+    complete (its subflows' too, read as ``vlp run`` reads them): what a failed assertion on submitted runs
+    shows (the training child's output is logged)."""
+    from flows.follow import follow_flow_run
 
-    async def tail(run_id: UUID) -> str:
-        async with get_client() as client:
-            flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
-            logs = await client.read_logs(log_filter=flt, sort=LogSort.TIMESTAMP_DESC, limit=lines)
-        return "\n".join(log.message for log in reversed(logs))
-
-    failed = {i: state for i, state in states.items() if state != "COMPLETED"}
-    return "\n\n".join(f"flow run {i}: {state}\n{asyncio.run(tail(i))}" for i, state in failed.items())
+    out = []
+    for run_id, state in states.items():
+        if state != "COMPLETED":
+            logged: list[str] = []
+            asyncio.run(follow_flow_run(run_id, logged.append, drain_s=0))
+            out.append(f"flow run {run_id}: {state}\n" + "\n".join(logged[-lines:]))
+    return "\n\n".join(out)
 
 
 def needs_real_data(path: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlp_core.models.layers import Packing, Route, TransformerLayer, init_bert_
+from vlp_core.models.layers import Packing, Route, TransformerLayer, gather_rows, init_bert_
 from vlp_core.models.layers import key_mask as _key_mask
 from vlp_core.models.text import MLMHead, TextConfig, TextEncoder, load_part_, read_bert_checkpoint
 
@@ -128,9 +128,13 @@ class FusionEncoder(nn.Module):
 
         ``text_index`` / ``image_index`` (B',) int64: the texts / images given are distinct ones and output
         row ``i`` fuses ``text_hidden[text_index[i]]`` with ``image_tokens[image_index[i]]`` (B' rows): the
-        first layer's self-attention runs once per text (dropout masks included: a text's rows share them, see
-        :class:`FusionConfig`'s ``share_text_self_attention``) and the cross-attention keys and values once
-        per image, as a pass scoring each of them several times (ITM) needs."""
+        first layer's self-attention runs once per text (dropout masks included: a text's rows share them;
+        without :class:`FusionConfig`'s ``share_text_self_attention`` the texts are gathered to the rows
+        first) and the cross-attention keys and values once per image, as a pass scoring each of them several
+        times (ITM) needs."""
+        if text_index is not None and not self.config.share_text_self_attention:
+            text_hidden = gather_rows(text_hidden, text_index)
+            text_mask, text_index = text_mask.index_select(0, text_index), None
         key_mask = _key_mask(text_mask)
         img_mask = _key_mask(image_mask)
         x = text_hidden

@@ -10,7 +10,6 @@ from torch import nn
 
 from vlp_core.models.backbones.base import Backbone, BackboneConfig, register_backbone
 from vlp_core.models.fusion import FusionConfig, build_text_stack
-from vlp_core.models.layers import gather_rows
 from vlp_core.models.outputs import ImageFeatures, PairFeatures, TextFeatures
 from vlp_core.models.text import TextConfig, pool_text
 from vlp_core.models.vision import CNNGridEncoder, VisionConfig, build_vision_encoder
@@ -129,11 +128,7 @@ class DualStreamBackbone(Backbone):
         """``fuse_states(...).pooled`` (N, H), the top fusion layer computed at [CLS] only when that is all
         the pooling reads (about a quarter of an ITM pass at 2 fusion layers). With ``image_index`` /
         ``text_index`` the inputs are distinct images / texts and row ``i`` pairs ``image_index[i]`` with
-        ``text_index[i]`` (see :meth:`FusionEncoder.forward`); without the fusion config's
-        ``share_text_self_attention`` the texts are gathered to the rows first."""
-        if text_index is not None and not self.fusion.config.share_text_self_attention:
-            text_hidden = gather_rows(text_hidden, text_index)
-            text_mask, text_index = text_mask.index_select(0, text_index), None
+        ``text_index[i]`` (see :meth:`FusionEncoder.forward`)."""
         n = (text_index if text_index is not None else text_mask).shape[0]
         rows = self.top_rows(n, text_mask.device)
         fused = self.fusion(text_hidden, text_mask, image_tokens, rows=rows, text_index=text_index,
